@@ -1,0 +1,60 @@
+//! `xoauth2-proxy run`: serve until SIGTERM or SIGINT.
+
+use crate::server::Proxy;
+use std::path::Path;
+use std::process::ExitCode;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+pub async fn run(config_path: &Path) -> ExitCode {
+    let config = match super::load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::telemetry::init(&config.log);
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
+    let proxy = match Proxy::bind(&config).await {
+        Ok(p) => p,
+        Err(e) => {
+            error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config.source.display(),
+        accounts = config.accounts.len(),
+        identities = config.identities.len(),
+        "xoauth2-proxy starting"
+    );
+    let reloader = proxy.certificate_reloader();
+    let reload_task = tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            match reloader.reload() {
+                Ok(true) => info!("SIGHUP: local TLS certificate reloaded"),
+                Ok(false) => info!("SIGHUP: no listener uses local TLS; nothing to reload"),
+                Err(e) => error!("SIGHUP: keeping the current certificate: {e}"),
+            }
+        }
+    });
+    proxy.run(shutdown_signal()).await;
+    reload_task.abort();
+    ExitCode::SUCCESS
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the only way out is being killed; say so.
+        error!("cannot install signal handlers; graceful shutdown unavailable");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,268 @@
+//! The validated configuration the rest of the proxy sees.
+//!
+//! Loading is three steps: YAML into a generic tree, `${VAR}` expansion of
+//! string values, then typed deserialization ([`raw`]) and validation
+//! ([`validate`]). Every problem names the file, the key path and what is wrong.
+
+pub mod expand;
+pub mod raw;
+mod validate;
+
+use crate::protocol::Protocol;
+use crate::secret::Secret;
+pub use expand::{Env, ProcessEnv};
+pub use raw::{Flow, LocalTls, LogFormat, LogLevel, UpstreamTls};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct Config {
+    /// The file this came from, for messages.
+    pub source: PathBuf,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstream_ca_file: Option<PathBuf>,
+    pub tls: Option<TlsFiles>,
+    pub identities: BTreeMap<String, IdentityConfig>,
+    pub accounts: Vec<AccountConfig>,
+    pub token_store: Option<TokenStoreConfig>,
+    pub log: LogConfig,
+    pub shutdown_timeout: Duration,
+    /// Things that are allowed but deserve the admin's attention.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    pub bind: SocketAddr,
+    pub local_tls: LocalTls,
+    pub upstream: UpstreamAddr,
+    pub upstream_tls: UpstreamTls,
+    pub require_tls: bool,
+    /// Passwords may arrive over an unencrypted connection: a loopback bind,
+    /// or `allow_plaintext_auth: true`.
+    pub plaintext_allowed: bool,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_line_length: usize,
+    pub max_auth_failures: u32,
+    pub preauth_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub upstream_timeout: Duration,
+}
+
+impl Limits {
+    pub const DEFAULT_MAX_LINE_LENGTH: usize = 8192;
+    pub const DEFAULT_MAX_AUTH_FAILURES: u32 = 3;
+    pub const DEFAULT_PREAUTH_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+    pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct IdentityConfig {
+    pub name: String,
+    /// `{authority}/{tenant}/oauth2/v2.0/token`
+    pub token_url: String,
+    /// `{authority}/{tenant}/oauth2/v2.0/devicecode`
+    pub device_code_url: String,
+    pub client_id: String,
+    pub credential: ClientCredential,
+    pub flow: Flow,
+    pub scope: String,
+    pub min_token_lifetime: Duration,
+    pub token_timeout: Duration,
+}
+
+impl IdentityConfig {
+    pub const DEFAULT_AUTHORITY: &'static str = "https://login.microsoftonline.com";
+    pub const DEFAULT_MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 60);
+    pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const APP_ONLY_SCOPE: &'static str = "https://outlook.office365.com/.default";
+    pub const DELEGATED_SCOPE: &'static str = "https://outlook.office.com/IMAP.AccessAsUser.All \
+        https://outlook.office.com/POP.AccessAsUser.All https://outlook.office.com/SMTP.Send offline_access";
+}
+
+/// How the app proves its identity to the token endpoint.
+#[derive(Debug)]
+pub enum ClientCredential {
+    Secret(Secret<String>),
+    /// Read at each token request, so a rotated secret needs no restart.
+    SecretFile(PathBuf),
+    Certificate {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+    /// A public client (delegated flows only).
+    None,
+}
+
+#[derive(Debug)]
+pub struct AccountConfig {
+    pub username: String,
+    pub password: PasswordConfig,
+    pub mailbox: String,
+    pub smtp_user: String,
+    pub identity: String,
+}
+
+#[derive(Debug)]
+pub enum PasswordConfig {
+    /// An argon2 PHC string.
+    Hash(String),
+    Plain(Secret<String>),
+}
+
+#[derive(Debug)]
+pub struct TokenStoreConfig {
+    pub path: PathBuf,
+    pub key: TokenStoreKey,
+}
+
+#[derive(Debug)]
+pub enum TokenStoreKey {
+    File(PathBuf),
+    Inline(Secret<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: LogLevel::Info, format: LogFormat::Text }
+    }
+}
+
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One thing wrong in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path such as `listeners[0].bind`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.path.is_empty() {
+                write!(f, "{}: {}", self.file.display(), p.message)?;
+            } else {
+                write!(f, "{}: {}: {}", self.file.display(), p.path, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`, expanding `${VAR}` from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &ProcessEnv)
+    }
+
+    pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            problems: vec![Problem { path: String::new(), message: format!("cannot read: {e}") }],
+        })?;
+        Config::parse(&text, path, env)
+    }
+
+    /// Parses `text` as if read from `path`; relative file names in it are
+    /// resolved against `path`'s directory.
+    pub fn parse(text: &str, path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError { file: path.to_path_buf(), problems };
+        let mut tree: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| fail(vec![Problem { path: String::new(), message: format!("invalid YAML: {e}") }]))?;
+        if tree.is_null() {
+            return Err(fail(vec![Problem { path: String::new(), message: "the file is empty".into() }]));
+        }
+        let mut problems = Vec::new();
+        expand_tree(&mut tree, String::new(), env, &mut problems);
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+        let raw: raw::RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            fail(vec![Problem { path, message: e.into_inner().to_string() }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        validate::validate(raw, path, base).map_err(fail)
+    }
+
+    pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
+        self.identities.get(name)
+    }
+}
+
+fn expand_tree(value: &mut serde_yaml_ng::Value, path: String, env: &dyn Env, problems: &mut Vec<Problem>) {
+    use serde_yaml_ng::Value;
+    match value {
+        Value::String(s) => match expand::expand(s, env) {
+            Ok(expanded) => *s = expanded,
+            Err(e) => problems.push(Problem { path, message: e.to_string() }),
+        },
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand_tree(item, format!("{path}[{i}]"), env, problems);
+            }
+        }
+        Value::Mapping(map) => {
+            for (key, item) in map.iter_mut() {
+                let key = match key {
+                    Value::String(k) => k.clone(),
+                    other => serde_yaml_ng::to_string(other).unwrap_or_default().trim().to_string(),
+                };
+                let child = if path.is_empty() { key } else { format!("{path}.{key}") };
+                expand_tree(item, child, env, problems);
+            }
+        }
+        Value::Tagged(tagged) => expand_tree(&mut tagged.value, path, env, problems),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}

@@ -1,0 +1,231 @@
+//! The configuration file as written: serde structs that reject unknown keys.
+//! Nothing here is validated beyond its type; see `validate.rs`.
+
+use crate::protocol::Protocol;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub upstream_ca_file: Option<String>,
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub identities: BTreeMap<String, RawIdentity>,
+    #[serde(default)]
+    pub accounts: Vec<RawAccount>,
+    #[serde(default)]
+    pub token_store: Option<RawTokenStore>,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub shutdown_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub protocol: Protocol,
+    pub bind: String,
+    #[serde(default)]
+    pub local_tls: Option<LocalTls>,
+    pub upstream: String,
+    #[serde(default)]
+    pub upstream_tls: Option<UpstreamTls>,
+    #[serde(default)]
+    pub require_tls: Option<bool>,
+    #[serde(default)]
+    pub allow_plaintext_auth: Option<bool>,
+    #[serde(default)]
+    pub max_line_length: Option<usize>,
+    #[serde(default)]
+    pub max_auth_failures: Option<u32>,
+    #[serde(default)]
+    pub preauth_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub idle_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub upstream_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalTls {
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    Implicit,
+    Starttls,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    #[serde(default)]
+    pub authority: Option<String>,
+    pub tenant: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    #[serde(default)]
+    pub client_secret_file: Option<String>,
+    #[serde(default)]
+    pub certificate: Option<RawCertificate>,
+    #[serde(default)]
+    pub flow: Option<Flow>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub min_token_lifetime: Option<HumanDuration>,
+    #[serde(default)]
+    pub token_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    ClientCredentials,
+    RefreshToken,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccount {
+    pub username: String,
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    pub mailbox: String,
+    #[serde(default)]
+    pub smtp_user: Option<String>,
+    pub identity: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenStore {
+    pub path: String,
+    #[serde(default)]
+    pub key_file: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub level: Option<LogLevel>,
+    #[serde(default)]
+    pub format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A duration written as `90s`, `30m`, `1h`, `500ms`, or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 =
+            digits.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 10m, 1h, 500ms"))?;
+        let d = match unit.trim() {
+            "" | "s" => Duration::from_secs(n),
+            "ms" => Duration::from_millis(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m, h or d")),
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 30s, 10m, 1h, 500ms, or a number of seconds")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanDuration, E> {
+                Ok(HumanDuration(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanDuration, E> {
+                u64::try_from(v)
+                    .map(|v| HumanDuration(Duration::from_secs(v)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let ok = [("30s", 30), ("30", 30), ("10m", 600), ("1h", 3600), ("2d", 172800), (" 5 s ", 5)];
+        for (s, secs) in ok {
+            assert_eq!(s.parse::<HumanDuration>(), Ok(HumanDuration(Duration::from_secs(secs))), "{s}");
+        }
+        assert_eq!("250ms".parse::<HumanDuration>(), Ok(HumanDuration(Duration::from_millis(250))));
+        for bad in ["", "m", "10x", "-5s", "1.5h"] {
+            assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! xoauth2-proxy: legacy mail clients log in with a username and password;
+//! the proxy authenticates upstream with SASL XOAUTH2 and splices the streams.
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod cli;
+pub mod config;
+pub mod protocol;
+pub mod sasl;
+pub mod secret;
+pub mod server;
+pub mod splice;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+pub mod upstream;

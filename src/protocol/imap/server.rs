@@ -1,0 +1,405 @@
+//! The IMAP dialogue with a local client until it has logged in.
+
+use super::client::{self, ImapSuccess};
+use super::command::{Command, Received, Receiver};
+use super::{postauth_capabilities, preauth_capabilities};
+use crate::protocol::line::LineError;
+use crate::protocol::reply::{self, Failure};
+use crate::protocol::{FailureCount, LoginRequest, Next, PreAuth, SessionOptions};
+use crate::sasl::{encode_base64, Credentials, SaslError, ServerExchange, Step};
+use bytes::BytesMut;
+use std::sync::Arc;
+
+pub struct ImapServer {
+    rx: Receiver,
+    upstream_caps: Arc<[String]>,
+    opts: SessionOptions,
+    state: State,
+    failures: FailureCount,
+}
+
+enum State {
+    Commands,
+    Sasl { tag: String, exchange: ServerExchange },
+    Authenticating { tag: String },
+    Done,
+}
+
+impl ImapServer {
+    /// `upstream_caps` are the upstream's capabilities before login.
+    pub fn new(upstream_caps: Arc<[String]>, opts: SessionOptions) -> Self {
+        ImapServer {
+            rx: Receiver::new(opts.max_line),
+            failures: FailureCount::new(opts.max_auth_failures),
+            upstream_caps,
+            opts,
+            state: State::Commands,
+        }
+    }
+
+    fn capabilities(&self) -> String {
+        preauth_capabilities(&self.upstream_caps, &self.opts)
+    }
+
+    fn login(&mut self, tag: String, credentials: Credentials) -> Next {
+        self.state = State::Authenticating { tag };
+        Next::Authenticate(LoginRequest { credentials, client_name: None })
+    }
+
+    /// Handles one command; `None` means carry on reading commands.
+    fn command(&mut self, command: Command, input: &mut BytesMut, out: &mut Vec<u8>) -> Option<Next> {
+        let tagged = |out: &mut Vec<u8>, tag: &str, text: &str| {
+            out.extend_from_slice(format!("{tag} {text}\r\n").as_bytes());
+        };
+        match command {
+            Command::Capability { tag } => {
+                out.extend_from_slice(format!("* CAPABILITY {}\r\n", self.capabilities()).as_bytes());
+                tagged(out, &tag, "OK CAPABILITY completed");
+            }
+            Command::Noop { tag } => tagged(out, &tag, "OK NOOP completed"),
+            Command::Id { tag } => {
+                out.extend_from_slice(b"* ID (\"name\" \"xoauth2-proxy\")\r\n");
+                tagged(out, &tag, "OK ID completed");
+            }
+            Command::Logout { tag } => {
+                out.extend_from_slice(b"* BYE Logging out\r\n");
+                tagged(out, &tag, "OK LOGOUT completed");
+                self.state = State::Done;
+                return Some(Next::Close);
+            }
+            Command::StartTls { tag } => {
+                if !self.opts.offer_starttls() {
+                    reply::imap(Failure::StartTlsUnavailable, Some(&tag), out);
+                } else if !input.is_empty() {
+                    input.clear();
+                    reply::imap(Failure::StartTlsInjection, Some(&tag), out);
+                    self.state = State::Done;
+                    return Some(Next::Close);
+                } else {
+                    tagged(out, &tag, "OK Begin TLS negotiation now");
+                    return Some(Next::StartTls);
+                }
+            }
+            Command::NeedsAuth { tag } => reply::imap(Failure::AuthFirst, Some(&tag), out),
+            Command::Login { tag, username, password } => {
+                if let Some(refusal) = self.opts.auth_refusal() {
+                    reply::imap(refusal, Some(&tag), out);
+                } else {
+                    return Some(self.login(tag, Credentials { username, password }));
+                }
+            }
+            Command::Authenticate { tag, mechanism, initial } => {
+                if let Some(refusal) = self.opts.auth_refusal() {
+                    reply::imap(refusal, Some(&tag), out);
+                    return None;
+                }
+                let Some(mechanism) = mechanism else {
+                    reply::imap(Failure::UnsupportedMechanism, Some(&tag), out);
+                    return None;
+                };
+                match ServerExchange::start(mechanism, initial.as_ref().map(|i| i.expose().as_slice())) {
+                    Ok((exchange, Step::Challenge(challenge))) => {
+                        continuation(out, challenge);
+                        self.state = State::Sasl { tag, exchange };
+                    }
+                    Ok((_, Step::Done(credentials))) => return Some(self.login(tag, credentials)),
+                    Err(e) => reply::imap(sasl_failure(e), Some(&tag), out),
+                }
+            }
+        }
+        None
+    }
+}
+
+fn continuation(out: &mut Vec<u8>, challenge: &[u8]) {
+    out.extend_from_slice(b"+ ");
+    out.extend_from_slice(encode_base64(challenge).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn sasl_failure(e: SaslError) -> Failure {
+    match e {
+        SaslError::Cancelled => Failure::SaslCancelled,
+        SaslError::BadBase64 | SaslError::Malformed(_) => Failure::SaslMalformed,
+    }
+}
+
+impl PreAuth for ImapServer {
+    type Success = ImapSuccess;
+
+    fn greeting(&mut self, out: &mut Vec<u8>) {
+        // Exchange's greeting carries no capabilities; many clients skip the
+        // CAPABILITY round trip when the greeting has them.
+        out.extend_from_slice(format!("* OK [CAPABILITY {}] xoauth2-proxy ready\r\n", self.capabilities()).as_bytes());
+    }
+
+    fn handle(&mut self, input: &mut BytesMut, out: &mut Vec<u8>) -> Next {
+        loop {
+            match &mut self.state {
+                State::Commands => match self.rx.poll(input) {
+                    None => return Next::Read,
+                    Some(Received::NeedContinuation) => out.extend_from_slice(b"+ Ready for literal data\r\n"),
+                    Some(Received::Rejected { tag, failure, close }) => {
+                        reply::imap(failure, tag.as_deref(), out);
+                        if close {
+                            self.state = State::Done;
+                            return Next::Close;
+                        }
+                    }
+                    Some(Received::Command(command)) => {
+                        if let Some(next) = self.command(command, input, out) {
+                            return next;
+                        }
+                    }
+                },
+                State::Sasl { tag, exchange } => {
+                    let line = match self.rx.next_line(input) {
+                        Ok(Some(line)) => line,
+                        Ok(None) => return Next::Read,
+                        Err(LineError::TooLong) => {
+                            reply::imap(Failure::LineTooLong, Some(tag), out);
+                            self.state = State::Commands;
+                            continue;
+                        }
+                    };
+                    match exchange.respond(&line) {
+                        Ok(Step::Challenge(challenge)) => continuation(out, challenge),
+                        Ok(Step::Done(credentials)) => {
+                            let tag = std::mem::take(tag);
+                            return self.login(tag, credentials);
+                        }
+                        Err(e) => {
+                            reply::imap(sasl_failure(e), Some(tag), out);
+                            self.state = State::Commands;
+                        }
+                    }
+                }
+                State::Authenticating { .. } | State::Done => return Next::Read,
+            }
+        }
+    }
+
+    fn auth_failed(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
+        let tag = match std::mem::replace(&mut self.state, State::Commands) {
+            State::Authenticating { tag } => Some(tag),
+            _ => None,
+        };
+        reply::imap(failure, tag.as_deref(), out);
+        if failure.closes_session() {
+            self.state = State::Done;
+            return Next::Close;
+        }
+        if failure == Failure::AuthFailed && self.failures.exhausted_after_one_more() {
+            reply::imap(Failure::TooManyFailures, None, out);
+            self.state = State::Done;
+            return Next::Close;
+        }
+        Next::Read
+    }
+
+    fn auth_succeeded(&mut self, success: &ImapSuccess, out: &mut Vec<u8>) {
+        for line in &success.untagged {
+            match client::capabilities(line) {
+                Some(caps) if line.len() > 2 && line[2..].to_ascii_uppercase().starts_with(b"CAPABILITY") => {
+                    out.extend_from_slice(
+                        format!("* CAPABILITY {}\r\n", postauth_capabilities(&caps.join(" "))).as_bytes(),
+                    );
+                }
+                _ => {
+                    out.extend_from_slice(line);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        let tag = match std::mem::replace(&mut self.state, State::Done) {
+            State::Authenticating { tag } => tag,
+            _ => String::from("*"),
+        };
+        out.extend_from_slice(tag.as_bytes());
+        out.extend_from_slice(b" OK ");
+        out.extend_from_slice(&rewrite_ok_text(&success.text));
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn tls_started(&mut self) {
+        self.opts.tls_active = true;
+        self.state = State::Commands;
+        self.rx = Receiver::new(self.opts.max_line);
+    }
+
+    fn abort(&mut self, failure: Failure, out: &mut Vec<u8>) {
+        reply::imap(failure, None, out);
+        self.state = State::Done;
+    }
+}
+
+/// `[CAPABILITY ...] text` with the capability list rewritten; any other text as is.
+fn rewrite_ok_text(text: &[u8]) -> Vec<u8> {
+    let Some(caps) = client::capabilities(text) else {
+        return text.to_vec();
+    };
+    let Some(end) = text.iter().position(|&b| b == b']') else {
+        return text.to_vec();
+    };
+    let mut out = format!("[CAPABILITY {}]", postauth_capabilities(&caps.join(" "))).into_bytes();
+    out.extend_from_slice(&text[end + 1..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::testing::{drive, plain_options, Outcome};
+
+    fn server() -> ImapServer {
+        let caps: Vec<String> = "IMAP4rev1 IDLE LITERAL+ AUTH=XOAUTH2".split(' ').map(String::from).collect();
+        ImapServer::new(caps.into(), plain_options())
+    }
+
+    fn login(user: &str, pass: &str) -> Outcome {
+        Outcome::Login { username: user.into(), password: pass.into(), client_name: None }
+    }
+
+    /// Each transcript: client bytes, expected output, expected final step.
+    #[test]
+    fn transcripts_at_every_chunk_size() {
+        let cases: Vec<(&[u8], &str, Outcome)> = vec![
+            (b"a LOGIN printer s3cret\r\n", "", login("printer", "s3cret")),
+            (
+                b"a LOGIN {7}\r\nprinter {6}\r\ns3cret\r\n",
+                "+ Ready for literal data\r\n+ Ready for literal data\r\n",
+                login("printer", "s3cret"),
+            ),
+            (b"a LOGIN {7+}\r\nprinter \"s3\\\"cret\"\r\n", "", login("printer", "s3\"cret")),
+            (b"a AUTHENTICATE PLAIN AHByaW50ZXIAczNjcmV0\r\n", "", login("printer", "s3cret")),
+            (b"a AUTHENTICATE PLAIN\r\nAHByaW50ZXIAczNjcmV0\r\n", "+ \r\n", login("printer", "s3cret")),
+            (
+                b"a AUTHENTICATE LOGIN\r\ncHJpbnRlcg==\r\nczNjcmV0\r\n",
+                "+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n",
+                login("printer", "s3cret"),
+            ),
+            (b"a AUTHENTICATE PLAIN\r\n*\r\n", "+ \r\na BAD Authentication cancelled\r\n", Outcome::Read),
+            (
+                b"a AUTHENTICATE PLAIN\r\n%%%\r\n",
+                "+ \r\na BAD Cannot decode authentication response\r\n",
+                Outcome::Read,
+            ),
+            (
+                b"a AUTHENTICATE XOAUTH2 abc\r\n",
+                "a NO [CANNOT] Unsupported authentication mechanism\r\n",
+                Outcome::Read,
+            ),
+            (
+                b"c CAPABILITY\r\n",
+                "* CAPABILITY IMAP4rev1 IDLE LITERAL+ SASL-IR AUTH=PLAIN AUTH=LOGIN\r\nc OK CAPABILITY completed\r\n",
+                Outcome::Read,
+            ),
+            (b"n NOOP\r\n", "n OK NOOP completed\r\n", Outcome::Read),
+            (b"i ID (\"name\" \"x\")\r\n", "* ID (\"name\" \"xoauth2-proxy\")\r\ni OK ID completed\r\n", Outcome::Read),
+            (b"s SELECT INBOX\r\n", "s BAD Command not allowed before authentication, log in first\r\n", Outcome::Read),
+            (b"l LOGOUT\r\n", "* BYE Logging out\r\nl OK LOGOUT completed\r\n", Outcome::Close),
+            (b"s STARTTLS\r\n", "s BAD STARTTLS not available\r\n", Outcome::Read),
+            (b"garbage\r\n", "garbage BAD Syntax error or unknown command\r\n", Outcome::Read),
+        ];
+        for (input, expected_out, expected_next) in &cases {
+            for chunk in 1..=input.len() {
+                let mut m = server();
+                let mut buf = BytesMut::new();
+                let (out, next) = drive(&mut m, &mut buf, chunk, input);
+                assert_eq!(
+                    (&out[..], &next),
+                    (*expected_out, expected_next),
+                    "{:?} chunk {chunk}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn greeting_carries_rewritten_capabilities() {
+        let mut out = Vec::new();
+        server().greeting(&mut out);
+        assert_eq!(
+            out,
+            b"* OK [CAPABILITY IMAP4rev1 IDLE LITERAL+ SASL-IR AUTH=PLAIN AUTH=LOGIN] xoauth2-proxy ready\r\n"
+        );
+    }
+
+    #[test]
+    fn pipelined_bytes_after_login_stay_for_the_upstream() {
+        let mut m = server();
+        let mut buf = BytesMut::from(&b"a LOGIN u p\r\nb SELECT INBOX\r\nc FETCH 1 BODY[]\r\n"[..]);
+        let mut out = Vec::new();
+        assert!(matches!(m.handle(&mut buf, &mut out), Next::Authenticate(_)));
+        assert_eq!(&buf[..], b"b SELECT INBOX\r\nc FETCH 1 BODY[]\r\n");
+        let success = ImapSuccess {
+            untagged: vec![b"* CAPABILITY IMAP4rev1 IDLE AUTH=XOAUTH2".to_vec(), b"* OK hello".to_vec()],
+            text: b"[CAPABILITY IMAP4rev1 IDLE MOVE AUTH=XOAUTH2] Logged in".to_vec(),
+        };
+        m.auth_succeeded(&success, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "* CAPABILITY IMAP4rev1 IDLE\r\n* OK hello\r\na OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"
+        );
+    }
+
+    #[test]
+    fn failures_answer_the_tag_and_close_after_the_limit() {
+        let mut m = server();
+        for attempt in 1..=3 {
+            let mut buf = BytesMut::from(&b"t1 LOGIN u wrong\r\n"[..]);
+            let mut out = Vec::new();
+            assert!(matches!(m.handle(&mut buf, &mut out), Next::Authenticate(_)));
+            let next = m.auth_failed(Failure::AuthFailed, &mut out);
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.starts_with("t1 NO [AUTHENTICATIONFAILED]"), "{out}");
+            if attempt < 3 {
+                assert!(matches!(next, Next::Read));
+            } else {
+                assert!(matches!(next, Next::Close));
+                assert!(out.contains("* BYE Too many authentication failures"));
+            }
+        }
+        let mut m = server();
+        let mut buf = BytesMut::from(&b"t2 LOGIN u p\r\n"[..]);
+        let mut out = Vec::new();
+        m.handle(&mut buf, &mut out);
+        assert!(matches!(m.auth_failed(Failure::Temporary, &mut out), Next::Read));
+        assert!(matches!(m.handle(&mut BytesMut::from(&b"t3 LOGIN u p\r\n"[..]), &mut out), Next::Authenticate(_)));
+        assert!(matches!(m.auth_failed(Failure::Unavailable, &mut out), Next::Close));
+        assert!(String::from_utf8(out).unwrap().ends_with("* BYE [UNAVAILABLE] Upstream mail server unavailable\r\n"));
+    }
+
+    #[test]
+    fn starttls_and_tls_policy() {
+        let caps: Vec<String> = vec!["IMAP4rev1".into()];
+        let mut opts = plain_options();
+        opts.starttls = true;
+        opts.require_tls = true;
+        let mut m = ImapServer::new(caps.into(), opts);
+        let mut out = Vec::new();
+        let mut buf = BytesMut::from(&b"a LOGIN u p\r\nb STARTTLS\r\n"[..]);
+        assert!(matches!(m.handle(&mut buf, &mut out), Next::StartTls));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "a NO [PRIVACYREQUIRED] Authentication requires TLS, use STARTTLS first\r\nb OK Begin TLS negotiation now\r\n"
+        );
+        m.tls_started();
+        let mut out = Vec::new();
+        assert!(matches!(m.handle(&mut BytesMut::from(&b"a LOGIN u p\r\n"[..]), &mut out), Next::Authenticate(_)));
+
+        // Commands pipelined behind STARTTLS would run inside the TLS session
+        // if kept: they are refused and the connection closed.
+        let mut m = ImapServer::new(vec!["IMAP4rev1".to_string()].into(), {
+            let mut o = plain_options();
+            o.starttls = true;
+            o
+        });
+        let mut out = Vec::new();
+        let mut buf = BytesMut::from(&b"b STARTTLS\r\nc LOGIN evil x\r\n"[..]);
+        assert!(matches!(m.handle(&mut buf, &mut out), Next::Close));
+        assert!(buf.is_empty());
+        assert!(String::from_utf8_lossy(&out).starts_with("* BYE"));
+    }
+}

@@ -1,0 +1,233 @@
+//! The listeners: bind, accept, one task per connection, graceful drain.
+
+mod caps;
+mod session;
+mod stream;
+
+use crate::accounts::Accounts;
+use crate::config::{Config, ListenerConfig, LocalTls as LocalTlsMode};
+use crate::protocol::Protocol;
+use crate::tls::{self, TlsError};
+use crate::token::{provider, TokenError, TokenManager};
+use crate::upstream::{Upstream, UpstreamError};
+use caps::CapabilityCache;
+use rustls::ServerConfig;
+use session::Signals;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use stream::ClientStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+/// State shared by every listener.
+pub struct Shared {
+    pub accounts: Accounts,
+    pub tokens: TokenManager,
+}
+
+/// The server certificate for local TLS, replaceable while running.
+pub struct LocalTls {
+    implicit: bool,
+    config: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl LocalTls {
+    async fn accept(&self, stream: ClientStream, timeout: Duration) -> std::io::Result<ClientStream> {
+        let ClientStream::Plain(tcp) = stream else {
+            return Err(std::io::Error::other("TLS is already active"));
+        };
+        let config = self.config.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => Ok(ClientStream::Tls(Box::new(tls))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")),
+        }
+    }
+}
+
+/// Everything a session on one listener needs.
+pub struct ListenerCtx {
+    pub config: ListenerConfig,
+    pub upstream: Upstream,
+    caps: CapabilityCache,
+    pub shared: Arc<Shared>,
+    local_tls: Option<LocalTls>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("TLS setup: {0}")]
+    Tls(#[from] TlsError),
+    #[error("token endpoint setup: {0}")]
+    Token(#[from] TokenError),
+    #[error("listener {listener}: cannot listen on {addr}: {source}")]
+    Bind { listener: String, addr: SocketAddr, source: std::io::Error },
+    #[error("listener {listener}: {message}")]
+    Listener { listener: String, message: String },
+}
+
+pub struct Proxy {
+    listeners: Vec<(TcpListener, Arc<ListenerCtx>)>,
+    shutdown_timeout: Duration,
+    server_tls: Option<Arc<RwLock<Arc<ServerConfig>>>>,
+    tls_files: Option<crate::config::TlsFiles>,
+}
+
+impl Proxy {
+    /// Builds the shared state and binds every listener; nothing is accepted
+    /// until [`Proxy::run`].
+    pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
+        tls::install_default_provider();
+        let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
+        let mut tokens = TokenManager::new();
+        for identity in config.identities.values() {
+            let source = provider::source_for(identity, client_tls.clone())?;
+            tokens.add_identity(&identity.name, source, identity.min_token_lifetime);
+        }
+        let shared = Arc::new(Shared { accounts: Accounts::from_config(config), tokens });
+        let needs_tls = config.listeners.iter().any(|l| l.local_tls != LocalTlsMode::None);
+        let server_tls = match (&config.tls, needs_tls) {
+            (Some(files), true) => Some(Arc::new(RwLock::new(tls::server_config(&files.cert_file, &files.key_file)?))),
+            _ => None,
+        };
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let socket = TcpListener::bind(l.bind).await.map_err(|source| StartError::Bind {
+                listener: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+            let upstream = Upstream::new(l, client_tls.clone())
+                .map_err(|message| StartError::Listener { listener: l.name.clone(), message })?;
+            let local_tls = match (l.local_tls, &server_tls) {
+                (LocalTlsMode::None, _) | (_, None) => None,
+                (mode, Some(config)) => {
+                    Some(LocalTls { implicit: mode == LocalTlsMode::Implicit, config: config.clone() })
+                }
+            };
+            let ctx = ListenerCtx {
+                config: l.clone(),
+                upstream,
+                caps: CapabilityCache::default(),
+                shared: shared.clone(),
+                local_tls,
+            };
+            listeners.push((socket, Arc::new(ctx)));
+        }
+        Ok(Proxy { listeners, shutdown_timeout: config.shutdown_timeout, server_tls, tls_files: config.tls.clone() })
+    }
+
+    /// The address each listener is bound to (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(socket, ctx)| socket.local_addr().ok().map(|a| (ctx.config.name.clone(), a)))
+            .collect()
+    }
+
+    /// Connects to each listener's upstream (TLS included) and asks for its
+    /// capabilities, without binding anything: for `check --online`.
+    pub async fn probe_upstreams(
+        config: &Config,
+    ) -> Result<Vec<(String, Result<Vec<String>, UpstreamError>)>, StartError> {
+        tls::install_default_provider();
+        let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
+        let mut results = Vec::new();
+        for l in &config.listeners {
+            let upstream = Upstream::new(l, client_tls.clone())
+                .map_err(|message| StartError::Listener { listener: l.name.clone(), message })?;
+            let result = match l.protocol {
+                Protocol::Imap => crate::upstream::imap::probe(&upstream).await,
+                Protocol::Pop3 => crate::upstream::pop3::probe(&upstream).await,
+                Protocol::Smtp => crate::upstream::smtp::probe(&upstream).await,
+            };
+            results.push((l.name.clone(), result));
+        }
+        Ok(results)
+    }
+
+    /// A handle that can reload certificates while [`Proxy::run`] owns the proxy.
+    pub fn certificate_reloader(&self) -> CertificateReloader {
+        CertificateReloader { slot: self.server_tls.clone(), files: self.tls_files.clone() }
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, tells clients
+    /// that are still logging in, and lets spliced sessions finish for up to
+    /// the shutdown timeout before cutting them.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let signals = Signals { drain: CancellationToken::new(), abort: CancellationToken::new() };
+        let tracker = TaskTracker::new();
+        for (socket, ctx) in self.listeners {
+            info!(
+                listener = %ctx.config.name,
+                protocol = %ctx.config.protocol,
+                bind = %socket.local_addr().map_or_else(|_| ctx.config.bind.to_string(), |a| a.to_string()),
+                upstream = %ctx.upstream.addr,
+                "listening"
+            );
+            tracker.spawn(accept_loop(socket, ctx, signals.clone(), tracker.clone()));
+        }
+        shutdown.await;
+        let open = tracker.len().saturating_sub(1);
+        info!(sessions = open, deadline = ?self.shutdown_timeout, "shutting down: no new connections");
+        signals.drain.cancel();
+        tracker.close();
+        if tokio::time::timeout(self.shutdown_timeout, tracker.wait()).await.is_err() {
+            warn!(sessions = tracker.len(), "shutdown deadline reached; closing the remaining sessions");
+            signals.abort.cancel();
+            tracker.wait().await;
+        }
+        info!("stopped");
+    }
+}
+
+#[derive(Clone)]
+pub struct CertificateReloader {
+    slot: Option<Arc<RwLock<Arc<ServerConfig>>>>,
+    files: Option<crate::config::TlsFiles>,
+}
+
+impl CertificateReloader {
+    /// Re-reads the local TLS certificate and key; sessions already running
+    /// keep the one they started with. False when no listener uses local TLS.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let (Some(slot), Some(files)) = (&self.slot, &self.files) else {
+            return Ok(false);
+        };
+        let fresh = tls::server_config(&files.cert_file, &files.key_file)?;
+        *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(true)
+    }
+}
+
+async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signals, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            _ = signals.drain.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                tracker.spawn(dispatch(ctx.clone(), tcp, peer, signals.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                error!(listener = %ctx.config.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn dispatch(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: Signals) {
+    match ctx.config.protocol {
+        Protocol::Imap => session::run::<session::Imap>(ctx, tcp, peer, signals).await,
+        Protocol::Pop3 => session::run::<session::Pop3>(ctx, tcp, peer, signals).await,
+        Protocol::Smtp => session::run::<session::Smtp>(ctx, tcp, peer, signals).await,
+    }
+}

@@ -1,0 +1,403 @@
+//! One client connection: the pre-auth dialogue, the login carried upstream,
+//! then the splice. Generic over the protocol; everything protocol-specific
+//! is behind [`ProxyProtocol`].
+
+use super::stream::ClientStream;
+use super::ListenerCtx;
+use crate::accounts::Account;
+use crate::protocol::imap::{ImapServer, ImapSuccess};
+use crate::protocol::pop3::{Pop3Server, Pop3Success};
+use crate::protocol::smtp::{SmtpServer, SmtpSuccess};
+use crate::protocol::{Failure, LoginRequest, Next, PreAuth, Protocol, SessionOptions};
+use crate::sasl::xoauth2::printable;
+use crate::splice::{splice, SpliceEnd};
+use crate::token::TokenKey;
+use crate::upstream::{self, Authenticated, LoginError, Upstream, UpstreamError};
+use bytes::BytesMut;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// What differs between SMTP, IMAP and POP3 for the session driver.
+pub(crate) trait ProxyProtocol: Send + Sync + 'static {
+    const PROTOCOL: Protocol;
+    type Success: Send + Sync;
+    type Server: PreAuth<Success = Self::Success> + Send;
+
+    fn server(caps: Arc<[String]>, opts: SessionOptions) -> Self::Server;
+
+    /// The `user=` of XOAUTH2 for this account.
+    fn upstream_user(account: &Account) -> &str;
+
+    fn probe(upstream: &Upstream) -> impl Future<Output = Result<Vec<String>, UpstreamError>> + Send;
+
+    fn login<'a>(
+        upstream: &'a Upstream,
+        caps: &'a [String],
+        user: &'a str,
+        token: &'a str,
+        client_name: Option<&'a str>,
+    ) -> impl Future<Output = Result<Authenticated<Self::Success>, LoginError>> + Send + 'a;
+}
+
+pub(crate) struct Imap;
+pub(crate) struct Pop3;
+pub(crate) struct Smtp;
+
+impl ProxyProtocol for Imap {
+    const PROTOCOL: Protocol = Protocol::Imap;
+    type Success = ImapSuccess;
+    type Server = ImapServer;
+
+    fn server(caps: Arc<[String]>, opts: SessionOptions) -> ImapServer {
+        ImapServer::new(caps, opts)
+    }
+    fn upstream_user(account: &Account) -> &str {
+        &account.mailbox
+    }
+    fn probe(upstream: &Upstream) -> impl Future<Output = Result<Vec<String>, UpstreamError>> + Send {
+        upstream::imap::probe(upstream)
+    }
+    fn login<'a>(
+        upstream: &'a Upstream,
+        caps: &'a [String],
+        user: &'a str,
+        token: &'a str,
+        _client_name: Option<&'a str>,
+    ) -> impl Future<Output = Result<Authenticated<ImapSuccess>, LoginError>> + Send + 'a {
+        upstream::imap::login(upstream, caps, user, token)
+    }
+}
+
+impl ProxyProtocol for Pop3 {
+    const PROTOCOL: Protocol = Protocol::Pop3;
+    type Success = Pop3Success;
+    type Server = Pop3Server;
+
+    fn server(caps: Arc<[String]>, opts: SessionOptions) -> Pop3Server {
+        Pop3Server::new(caps, opts)
+    }
+    fn upstream_user(account: &Account) -> &str {
+        &account.mailbox
+    }
+    fn probe(upstream: &Upstream) -> impl Future<Output = Result<Vec<String>, UpstreamError>> + Send {
+        upstream::pop3::probe(upstream)
+    }
+    fn login<'a>(
+        upstream: &'a Upstream,
+        _caps: &'a [String],
+        user: &'a str,
+        token: &'a str,
+        _client_name: Option<&'a str>,
+    ) -> impl Future<Output = Result<Authenticated<Pop3Success>, LoginError>> + Send + 'a {
+        upstream::pop3::login(upstream, user, token)
+    }
+}
+
+impl ProxyProtocol for Smtp {
+    const PROTOCOL: Protocol = Protocol::Smtp;
+    type Success = SmtpSuccess;
+    type Server = SmtpServer;
+
+    fn server(caps: Arc<[String]>, opts: SessionOptions) -> SmtpServer {
+        SmtpServer::new(caps, opts)
+    }
+    fn upstream_user(account: &Account) -> &str {
+        &account.smtp_user
+    }
+    fn probe(upstream: &Upstream) -> impl Future<Output = Result<Vec<String>, UpstreamError>> + Send {
+        upstream::smtp::probe(upstream)
+    }
+    fn login<'a>(
+        upstream: &'a Upstream,
+        _caps: &'a [String],
+        user: &'a str,
+        token: &'a str,
+        client_name: Option<&'a str>,
+    ) -> impl Future<Output = Result<Authenticated<SmtpSuccess>, LoginError>> + Send + 'a {
+        upstream::smtp::login(upstream, client_name, user, token)
+    }
+}
+
+/// Shutdown signals a session listens to.
+#[derive(Clone)]
+pub(crate) struct Signals {
+    /// Stop: sessions still logging in are told the proxy is going away.
+    pub drain: CancellationToken,
+    /// The drain deadline passed: spliced sessions are cut too.
+    pub abort: CancellationToken,
+}
+
+/// Runs one connection to its end, inside a span that names it.
+pub(crate) async fn run<P: ProxyProtocol>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: Signals) {
+    let span = tracing::info_span!(
+        "session",
+        listener = %ctx.config.name,
+        protocol = %P::PROTOCOL,
+        client.addr = %peer,
+        user = tracing::field::Empty,
+        mailbox = tracing::field::Empty,
+    );
+    async move {
+        debug!("connection accepted");
+        let _ = tcp.set_nodelay(true);
+        let stream = ClientStream::Plain(tcp);
+        let stream = match &ctx.local_tls {
+            Some(tls) if tls.implicit => match tls.accept(stream, ctx.config.limits.preauth_timeout).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(error = %e, "TLS handshake with the client failed");
+                    return;
+                }
+            },
+            _ => stream,
+        };
+        Session::<P> {
+            ctx: &ctx,
+            stream,
+            inbuf: BytesMut::with_capacity(4096),
+            out: Vec::new(),
+            signals,
+            protocol: PhantomData,
+        }
+        .drive()
+        .await;
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session<'a, P: ProxyProtocol> {
+    ctx: &'a ListenerCtx,
+    stream: ClientStream,
+    inbuf: BytesMut,
+    out: Vec<u8>,
+    signals: Signals,
+    protocol: PhantomData<P>,
+}
+
+enum ReadOutcome {
+    Data,
+    Closed,
+    Failed(Failure),
+}
+
+impl<P: ProxyProtocol> Session<'_, P> {
+    fn options(&self) -> SessionOptions {
+        let c = &self.ctx.config;
+        SessionOptions {
+            max_line: c.limits.max_line_length,
+            max_auth_failures: c.limits.max_auth_failures,
+            starttls: self.ctx.local_tls.as_ref().is_some_and(|t| !t.implicit),
+            tls_active: self.stream.is_tls(),
+            require_tls: c.require_tls,
+            plaintext_allowed: c.plaintext_allowed,
+        }
+    }
+
+    /// Writes pending output; false if the client is gone.
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let write = async {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await
+        };
+        let result = tokio::time::timeout(self.ctx.config.limits.preauth_timeout, write).await;
+        self.out.clear();
+        match result {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                debug!(error = %e, "client went away");
+                false
+            }
+            Err(_) => {
+                debug!("client stopped reading; closing");
+                false
+            }
+        }
+    }
+
+    async fn read(&mut self) -> ReadOutcome {
+        self.inbuf.reserve(4096);
+        let timeout = self.ctx.config.limits.preauth_timeout;
+        tokio::select! {
+            result = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.inbuf)) => match result {
+                Ok(Ok(0)) => ReadOutcome::Closed,
+                Ok(Ok(_)) => ReadOutcome::Data,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "client connection failed");
+                    ReadOutcome::Closed
+                }
+                Err(_) => ReadOutcome::Failed(Failure::Timeout),
+            },
+            _ = self.signals.drain.cancelled() => ReadOutcome::Failed(Failure::ShuttingDown),
+        }
+    }
+
+    async fn drive(mut self) {
+        let upstream = &self.ctx.upstream;
+        let caps = match self.ctx.caps.get(|| P::probe(upstream)).await {
+            Ok(caps) => caps,
+            Err(e) => {
+                error!(upstream = %upstream.addr, error = %e, "upstream unavailable; turning the client away");
+                P::server(Arc::from([]), self.options()).abort(Failure::Unavailable, &mut self.out);
+                self.flush().await;
+                return;
+            }
+        };
+        let mut machine = P::server(caps.clone(), self.options());
+        machine.greeting(&mut self.out);
+        loop {
+            match machine.handle(&mut self.inbuf, &mut self.out) {
+                Next::Read => {
+                    if !self.flush().await {
+                        return;
+                    }
+                    match self.read().await {
+                        ReadOutcome::Data => {}
+                        ReadOutcome::Closed => {
+                            debug!("client closed the connection before logging in");
+                            return;
+                        }
+                        ReadOutcome::Failed(failure) => {
+                            info!(reason = failure.as_str(), "closing the connection before login");
+                            machine.abort(failure, &mut self.out);
+                            self.flush().await;
+                            return;
+                        }
+                    }
+                }
+                Next::Close => {
+                    self.flush().await;
+                    return;
+                }
+                Next::StartTls => {
+                    if !self.flush().await {
+                        return;
+                    }
+                    let Some(tls) = &self.ctx.local_tls else { return };
+                    let stream = std::mem::replace(&mut self.stream, ClientStream::Closed);
+                    match tls.accept(stream, self.ctx.config.limits.preauth_timeout).await {
+                        Ok(stream) => {
+                            self.stream = stream;
+                            self.inbuf.clear();
+                            machine.tls_started();
+                            debug!("STARTTLS completed");
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "STARTTLS handshake with the client failed");
+                            return;
+                        }
+                    }
+                }
+                Next::Authenticate(request) => {
+                    if !self.flush().await {
+                        return;
+                    }
+                    match self.authenticate(&caps, request).await {
+                        Ok(authenticated) => {
+                            machine.auth_succeeded(&authenticated.success, &mut self.out);
+                            if !self.flush().await {
+                                return;
+                            }
+                            self.splice(authenticated).await;
+                            return;
+                        }
+                        Err(failure) => {
+                            let next = machine.auth_failed(failure, &mut self.out);
+                            if matches!(next, Next::Close) {
+                                self.flush().await;
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Verifies the local login, obtains a token, and logs in upstream,
+    /// retrying once with a fresh token if the upstream refuses the first.
+    async fn authenticate(&self, caps: &[String], request: LoginRequest) -> Result<Authenticated<P::Success>, Failure> {
+        let span = tracing::Span::current();
+        let username = printable(request.credentials.username.as_bytes(), 128);
+        span.record("user", username.as_str());
+        let account = match self.ctx.shared.accounts.verify(&request.credentials).await {
+            Ok(account) => account,
+            Err(e) => {
+                warn!(user = %username, reason = %e, "login failed: {e}");
+                return Err(Failure::AuthFailed);
+            }
+        };
+        span.record("mailbox", account.mailbox.as_str());
+        let key = TokenKey::app(&account.identity);
+        let user = P::upstream_user(&account);
+        let mut retried = false;
+        loop {
+            let token = match self.ctx.shared.tokens.get(&key).await {
+                Ok(token) => token,
+                Err(e) => {
+                    error!(identity = %account.identity, error = %e, "cannot obtain an access token");
+                    return Err(if e.requires_reauthorization() { Failure::AuthFailed } else { Failure::Temporary });
+                }
+            };
+            debug!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "authenticating upstream with XOAUTH2");
+            match P::login(&self.ctx.upstream, caps, user, token.expose(), request.client_name.as_deref()).await {
+                Ok(authenticated) => {
+                    info!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "logged in: plain login accepted locally, XOAUTH2 accepted upstream");
+                    return Ok(authenticated);
+                }
+                Err(LoginError::Rejected(reason)) if !retried => {
+                    warn!(%reason, "upstream refused the access token; retrying once with a fresh token");
+                    self.ctx.shared.tokens.invalidate(&key, &token);
+                    retried = true;
+                }
+                Err(LoginError::Rejected(reason)) => {
+                    error!(%reason, "upstream refused a fresh access token too; check the app's permissions for this mailbox");
+                    return Err(Failure::AuthFailed);
+                }
+                Err(LoginError::Temporary(reason)) => {
+                    warn!(%reason, "upstream answered with a temporary failure");
+                    return Err(Failure::Temporary);
+                }
+                Err(LoginError::Unavailable(e)) => {
+                    error!(upstream = %self.ctx.upstream.addr, error = %e, "upstream unavailable");
+                    return Err(Failure::Unavailable);
+                }
+            }
+        }
+    }
+
+    async fn splice(self, authenticated: Authenticated<P::Success>) {
+        let stats = splice(
+            self.stream,
+            self.inbuf,
+            authenticated.stream,
+            authenticated.leftover,
+            self.ctx.config.limits.idle_timeout,
+            self.signals.abort.clone(),
+        )
+        .await;
+        let end = match &stats.end {
+            SpliceEnd::Closed => "closed".to_string(),
+            SpliceEnd::IdleTimeout => "idle timeout".to_string(),
+            SpliceEnd::Shutdown => "shutdown deadline".to_string(),
+            SpliceEnd::Error(e) => format!("network error: {e}"),
+        };
+        info!(
+            bytes.from_client = stats.client_to_upstream,
+            bytes.to_client = stats.upstream_to_client,
+            duration = ?Duration::from_millis(stats.duration.as_millis() as u64),
+            end = %end,
+            "session ended"
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! TLS configuration: PEM loading (rustls-pki-types), the client config used
+//! for upstreams and the token endpoint, and the server config for local TLS.
+//! One crypto provider (ring) for everything.
+
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("{path}: no certificate found (expected PEM blocks \"BEGIN CERTIFICATE\")")]
+    NoCertificates { path: PathBuf },
+    #[error("{path}: no private key found (expected PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\")")]
+    NoKey { path: PathBuf },
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes ring the process-wide default so that any library building its own
+/// rustls config (reqwest) agrees with ours. Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn pem_error(path: &Path, e: rustls_pki_types::pem::Error) -> TlsError {
+    match e {
+        rustls_pki_types::pem::Error::Io(source) => TlsError::Io { path: path.to_path_buf(), source },
+        other => TlsError::Pem { path: path.to_path_buf(), message: format!("invalid PEM: {other:?}") },
+    }
+}
+
+/// Every certificate in a PEM file, in order (leaf first for a chain).
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificates { path: path.to_path_buf() });
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoKey { path: path.to_path_buf() },
+        other => pem_error(path, other),
+    })
+}
+
+/// Trust for upstream servers and the token endpoint: the public web roots
+/// plus, optionally, the certificates in `extra_ca`.
+pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        for cert in load_certificates(path)? {
+            roots.add(cert).map_err(|e| TlsError::Pem {
+                path: path.to_path_buf(),
+                message: format!("unusable CA certificate: {e}"),
+            })?;
+        }
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The certificate local clients see (`local_tls`).
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certificates(cert_file)?;
+    let key = load_private_key(key_file)?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(Arc::new(config))
+}

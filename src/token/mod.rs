@@ -1,0 +1,131 @@
+//! Access tokens: where they come from ([`TokenSource`], one per identity)
+//! and how they are cached and shared ([`TokenManager`]).
+//!
+//! The session asks the manager for a token for an account; the manager hands
+//! out a cached one with enough life left, or makes exactly one request to the
+//! identity's source while every other caller for the same key waits for it.
+
+mod cache;
+pub mod entra;
+pub mod provider;
+
+pub use cache::TokenManager;
+pub use entra::EntraError;
+
+use crate::secret::Secret;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a token is cached under: the identity, and for delegated flows the
+/// account whose refresh token it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenKey {
+    pub identity: Arc<str>,
+    pub account: Option<Arc<str>>,
+}
+
+impl TokenKey {
+    pub fn app(identity: &str) -> Self {
+        TokenKey { identity: identity.into(), account: None }
+    }
+}
+
+impl fmt::Display for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.account {
+            Some(account) => write!(f, "{}/{}", self.identity, account),
+            None => f.write_str(&self.identity),
+        }
+    }
+}
+
+/// A new token as the endpoint returned it.
+#[derive(Debug)]
+pub struct FreshToken {
+    pub access_token: Secret<String>,
+    pub expires_in: Duration,
+    pub refresh_token: Option<Secret<String>>,
+}
+
+/// Obtains new access tokens for one identity. Grant types (client
+/// credentials with a secret or certificate, refresh tokens) plug in here.
+pub trait TokenSource: Send + Sync {
+    /// `account` names the account for delegated flows; app-only sources ignore it.
+    fn fetch<'a>(&'a self, account: Option<&'a str>) -> BoxFuture<'a, Result<FreshToken, TokenError>>;
+}
+
+/// A cached access token. Cloning shares it.
+#[derive(Clone)]
+pub struct AccessToken {
+    inner: Arc<TokenInner>,
+}
+
+struct TokenInner {
+    value: Secret<String>,
+    expires_at: Instant,
+    lifetime: Duration,
+}
+
+impl AccessToken {
+    pub fn new(value: Secret<String>, lifetime: Duration) -> Self {
+        AccessToken { inner: Arc::new(TokenInner { value, expires_at: Instant::now() + lifetime, lifetime }) }
+    }
+
+    pub fn expose(&self) -> &str {
+        self.inner.value.expose()
+    }
+
+    pub fn remaining(&self) -> Duration {
+        self.inner.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    pub fn lifetime(&self) -> Duration {
+        self.inner.lifetime
+    }
+
+    pub fn expires_at(&self) -> Instant {
+        self.inner.expires_at
+    }
+
+    /// Whether two handles are the very same token (not just equal text).
+    pub fn same_as(&self, other: &AccessToken) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken").field("remaining", &self.remaining()).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("token endpoint unreachable: {0}")]
+    Unreachable(String),
+    #[error("token endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("token endpoint failed with HTTP {status}: {detail}")]
+    Server { status: u16, detail: String },
+    #[error("token endpoint refused the request: {0}")]
+    Entra(#[from] EntraError),
+    #[error("token endpoint sent an unusable answer: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Local(String),
+    #[error("no identity named {0:?}")]
+    UnknownIdentity(String),
+}
+
+impl TokenError {
+    /// A human must act (re-consent, `xoauth2-proxy login`): retrying will not help.
+    pub fn requires_reauthorization(&self) -> bool {
+        matches!(self, TokenError::Entra(e) if e.error == "invalid_grant")
+    }
+}
