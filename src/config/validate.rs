@@ -61,7 +61,8 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
         }
         let bind = match l.bind.parse::<SocketAddr>() {
             Ok(addr) => {
-                if !binds.insert(addr) {
+                // Port 0 asks the OS for any free port: never a clash.
+                if addr.port() != 0 && !binds.insert(addr) {
                     p.add(at("bind"), format!("{addr} is already used by another listener"));
                 }
                 Some(addr)

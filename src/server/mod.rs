@@ -19,7 +19,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use stream::ClientStream;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -160,7 +159,7 @@ impl Proxy {
     /// that are still logging in, and lets spliced sessions finish for up to
     /// the shutdown timeout before cutting them.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let signals = Signals { drain: CancellationToken::new(), abort: CancellationToken::new() };
+        let signals = Signals::new();
         let tracker = TaskTracker::new();
         for (socket, ctx) in self.listeners {
             info!(
@@ -173,12 +172,11 @@ impl Proxy {
             tracker.spawn(accept_loop(socket, ctx, signals.clone(), tracker.clone()));
         }
         shutdown.await;
-        let open = tracker.len().saturating_sub(1);
-        info!(sessions = open, deadline = ?self.shutdown_timeout, "shutting down: no new connections");
+        info!(sessions = signals.sessions(), deadline = ?self.shutdown_timeout, "shutting down: no new connections");
         signals.drain.cancel();
         tracker.close();
         if tokio::time::timeout(self.shutdown_timeout, tracker.wait()).await.is_err() {
-            warn!(sessions = tracker.len(), "shutdown deadline reached; closing the remaining sessions");
+            warn!(sessions = signals.sessions(), "shutdown deadline reached; closing the remaining sessions");
             signals.abort.cancel();
             tracker.wait().await;
         }
@@ -213,7 +211,12 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
         };
         match accepted {
             Ok((tcp, peer)) => {
-                tracker.spawn(dispatch(ctx.clone(), tcp, peer, signals.clone()));
+                let guard = signals.session_opened();
+                let (ctx, signals) = (ctx.clone(), signals.clone());
+                tracker.spawn(async move {
+                    let _open = guard;
+                    dispatch(ctx, tcp, peer, signals).await;
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off rather than spin.

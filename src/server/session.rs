@@ -17,8 +17,8 @@ use bytes::BytesMut;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -125,13 +125,38 @@ impl ProxyProtocol for Smtp {
     }
 }
 
-/// Shutdown signals a session listens to.
+/// Shutdown signals a session listens to, and the count of open sessions.
 #[derive(Clone)]
 pub(crate) struct Signals {
     /// Stop: sessions still logging in are told the proxy is going away.
     pub drain: CancellationToken,
     /// The drain deadline passed: spliced sessions are cut too.
     pub abort: CancellationToken,
+    open: Arc<AtomicUsize>,
+}
+
+impl Signals {
+    pub fn new() -> Self {
+        Signals { drain: CancellationToken::new(), abort: CancellationToken::new(), open: Arc::default() }
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a session as open until the guard is dropped.
+    pub fn session_opened(&self) -> SessionGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        SessionGuard(self.open.clone())
+    }
+}
+
+pub(crate) struct SessionGuard(Arc<AtomicUsize>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Runs one connection to its end, inside a span that names it.
@@ -390,12 +415,14 @@ impl<P: ProxyProtocol> Session<'_, P> {
             SpliceEnd::Closed => "closed".to_string(),
             SpliceEnd::IdleTimeout => "idle timeout".to_string(),
             SpliceEnd::Shutdown => "shutdown deadline".to_string(),
+            // Many servers hang up without a TLS close_notify after QUIT/LOGOUT.
+            SpliceEnd::Error(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => "closed".to_string(),
             SpliceEnd::Error(e) => format!("network error: {e}"),
         };
         info!(
             bytes.from_client = stats.client_to_upstream,
             bytes.to_client = stats.upstream_to_client,
-            duration = ?Duration::from_millis(stats.duration.as_millis() as u64),
+            duration_ms = stats.duration.as_millis() as u64,
             end = %end,
             "session ended"
         );

@@ -184,7 +184,9 @@ pub fn parse_token_answer(status: u16, body: &[u8]) -> Result<FreshToken, TokenE
     }
     let answer = answer.ok_or_else(|| TokenError::Malformed("response is not JSON".into()))?;
     if answer.error.is_some() {
-        return Err(TokenError::Entra(answer.entra_error(status).expect("error is set")));
+        return Err(answer
+            .entra_error(status)
+            .map_or_else(|| TokenError::Malformed("error answer".into()), TokenError::Entra));
     }
     let access_token =
         answer.access_token.filter(|t| !t.is_empty()).ok_or_else(|| TokenError::Malformed("no access_token".into()))?;

@@ -1,0 +1,104 @@
+//! Graceful shutdown: stop accepting, tell clients that are still logging in,
+//! let spliced sessions run until the deadline, then cut them.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+async fn spliced_smtp(h: &Harness) -> TestClient<tokio::net::TcpStream> {
+    let mut c = h.connect("smtp").await;
+    c.expect("220 ").await;
+    c.send(format!("EHLO x\r\nAUTH PLAIN {}\r\n", plain("app", APP_PASSWORD))).await;
+    c.until("250 ").await;
+    c.expect("235 ").await;
+    c
+}
+
+#[tokio::test]
+async fn drain_then_deadline() {
+    let mut h = Harness::with(Options { shutdown_timeout: "1s", ..Options::default() }).await;
+    let mut spliced = spliced_smtp(&h).await;
+    let mut waiting = h.connect("imap").await;
+    waiting.expect("* OK").await;
+    let smtp_addr = h.addr("smtp");
+
+    let started = Instant::now();
+    let proxy = h.shutdown();
+    waiting.expect("* BYE [UNAVAILABLE] Server shutting down").await;
+    assert!(waiting.closed().await);
+    // New connections are refused...
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(tokio::net::TcpStream::connect(smtp_addr).await.is_err());
+    // ...while the spliced session still works until the deadline.
+    spliced.send("NOOP\r\n").await;
+    assert_eq!(spliced.line().await, "NOOP");
+    assert!(spliced.closed().await);
+    tokio::time::timeout(Duration::from_secs(5), proxy).await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}");
+}
+
+#[tokio::test]
+async fn sessions_that_end_early_let_the_proxy_stop_early() {
+    let mut h = Harness::with(Options { shutdown_timeout: "30s", ..Options::default() }).await;
+    let spliced = spliced_smtp(&h).await;
+    let started = Instant::now();
+    let proxy = h.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(spliced);
+    tokio::time::timeout(Duration::from_secs(5), proxy).await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// The real binary exits 0 on SIGTERM.
+#[tokio::test]
+async fn sigterm_stops_the_binary() {
+    let h = Harness::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, h.config_text.replace("level: debug", "level: info")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xoauth2-proxy"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("TEST_CLIENT_SECRET", testkit::token::CLIENT_SECRET)
+        .env_remove("XOAUTH2_PROXY_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Find the SMTP listener's port in the "listening" log line.
+    let port = loop {
+        let line = rx.recv_timeout(Duration::from_secs(10)).expect("no 'listening' line");
+        if line.contains("listening") && line.contains("listener=smtp") {
+            let bind = line.split_whitespace().find_map(|w| w.strip_prefix("bind=")).unwrap();
+            break bind.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        }
+    };
+    let mut c = TestClient::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    c.expect("220 ").await;
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    c.expect("421 4.3.2").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    let log: Vec<String> = rx.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("SIGTERM received")), "{log:?}");
+}

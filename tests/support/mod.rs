@@ -1,0 +1,285 @@
+//! Shared test scaffolding: the proxy in-process on 127.0.0.1:0 between a
+//! fake token endpoint and fake upstreams, and a line-oriented test client.
+#![allow(dead_code)]
+
+use argon2::password_hash::PasswordHasher;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use testkit::{FakeUpstream, Proto, TestPki, TokenServer, UpstreamOptions};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use xoauth2_proxy::config::Config;
+use xoauth2_proxy::server::Proxy;
+
+pub const PRINTER_PASSWORD: &str = "s3cret pass";
+pub const APP_PASSWORD: &str = "app-pass";
+pub const MAILBOX: &str = "scanner@contoso.example";
+pub const SMTP_USER: &str = "sender@contoso.example";
+pub const SHARED_MAILBOX: &str = "shared@contoso.example";
+
+/// An argon2id hash with the smallest cost, so tests spend no time hashing.
+pub fn cheap_hash(password: &str) -> String {
+    let params = argon2::Params::new(8, 1, 1, None).unwrap();
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    argon.hash_password(password.as_bytes()).unwrap().to_string()
+}
+
+pub struct Options {
+    pub imap: UpstreamOptions,
+    pub pop3: UpstreamOptions,
+    pub smtp: UpstreamOptions,
+    /// Extra YAML keys for every listener, e.g. `idle_timeout: 1s`.
+    pub listener_extra: Vec<String>,
+    /// Extra YAML keys for the identity, e.g. `token_timeout: 1s`.
+    pub identity_extra: Vec<String>,
+    /// Replace a protocol's upstream address (e.g. a closed port).
+    pub upstream_override: HashMap<&'static str, String>,
+    /// Point `upstream_ca_file` at a CA that did not sign the upstreams.
+    pub untrusted_upstream: bool,
+    pub shutdown_timeout: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            imap: UpstreamOptions::new(Proto::Imap),
+            pop3: UpstreamOptions::new(Proto::Pop3),
+            smtp: UpstreamOptions::new(Proto::Smtp),
+            listener_extra: Vec::new(),
+            identity_extra: vec!["token_timeout: 2s".into()],
+            upstream_override: HashMap::new(),
+            untrusted_upstream: false,
+            shutdown_timeout: "5s",
+        }
+    }
+}
+
+pub struct Harness {
+    pub pki: TestPki,
+    pub other_pki: TestPki,
+    pub token: TokenServer,
+    pub imap: FakeUpstream,
+    pub pop3: FakeUpstream,
+    pub smtp: FakeUpstream,
+    pub config_text: String,
+    addrs: HashMap<String, SocketAddr>,
+    shutdown: CancellationToken,
+    proxy: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> Self {
+        let pki = TestPki::generate();
+        let other_pki = TestPki::generate();
+        let token = TokenServer::start().await;
+        let imap = FakeUpstream::start(options.imap.clone(), &pki, token.validator()).await;
+        let pop3 = FakeUpstream::start(options.pop3.clone(), &pki, token.validator()).await;
+        let smtp = FakeUpstream::start(options.smtp.clone(), &pki, token.validator()).await;
+        let upstream = |name: &'static str, fake: &FakeUpstream| {
+            options.upstream_override.get(name).cloned().unwrap_or_else(|| format!("localhost:{}", fake.addr().port()))
+        };
+        let tls_mode = |o: &UpstreamOptions| match o.tls {
+            testkit::UpstreamTls::Implicit => "implicit",
+            testkit::UpstreamTls::Starttls => "starttls",
+        };
+        let extra: String = options.listener_extra.iter().map(|l| format!("    {l}\n")).collect();
+        let identity_extra: String = options.identity_extra.iter().map(|l| format!("    {l}\n")).collect();
+        let ca = if options.untrusted_upstream { other_pki.ca_path() } else { pki.ca_path() };
+        let config_text = format!(
+            r#"
+listeners:
+  - name: imap
+    protocol: imap
+    bind: 127.0.0.1:0
+    upstream: {imap_up}
+    upstream_tls: {imap_tls}
+{extra}  - name: pop3
+    protocol: pop3
+    bind: 127.0.0.1:0
+    upstream: {pop3_up}
+    upstream_tls: {pop3_tls}
+{extra}  - name: smtp
+    protocol: smtp
+    bind: 127.0.0.1:0
+    upstream: {smtp_up}
+    upstream_tls: {smtp_tls}
+{extra}upstream_ca_file: {ca}
+identities:
+  contoso:
+    authority: {authority}
+    tenant: {tenant}
+    client_id: {client_id}
+    client_secret: ${{TEST_CLIENT_SECRET}}
+{identity_extra}accounts:
+  - username: printer
+    password_hash: "{printer_hash}"
+    mailbox: {MAILBOX}
+    smtp_user: {SMTP_USER}
+    identity: contoso
+  - username: app
+    password: {APP_PASSWORD}
+    mailbox: {SHARED_MAILBOX}
+    identity: contoso
+shutdown_timeout: {shutdown}
+log: {{ level: debug }}
+"#,
+            imap_up = upstream("imap", &imap),
+            pop3_up = upstream("pop3", &pop3),
+            smtp_up = upstream("smtp", &smtp),
+            imap_tls = tls_mode(&options.imap),
+            pop3_tls = tls_mode(&options.pop3),
+            smtp_tls = tls_mode(&options.smtp),
+            ca = ca.display(),
+            authority = token.authority(),
+            tenant = testkit::token::TENANT,
+            client_id = testkit::token::CLIENT_ID,
+            printer_hash = cheap_hash(PRINTER_PASSWORD),
+            shutdown = options.shutdown_timeout,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, &config_text).unwrap();
+        let env: HashMap<String, String> =
+            [("TEST_CLIENT_SECRET".to_string(), testkit::token::CLIENT_SECRET.to_string())].into_iter().collect();
+        let config = Config::load_with_env(&path, &env).unwrap_or_else(|e| panic!("{e}\n{config_text}"));
+        let proxy = Proxy::bind(&config).await.unwrap();
+        let addrs = proxy.local_addrs().into_iter().collect();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move { proxy.run(stop.cancelled_owned()).await });
+        Harness { pki, other_pki, token, imap, pop3, smtp, config_text, addrs, shutdown, proxy: Some(task), _dir: dir }
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs[listener]
+    }
+
+    pub async fn connect(&self, listener: &str) -> TestClient<TcpStream> {
+        TestClient::new(TcpStream::connect(self.addr(listener)).await.unwrap())
+    }
+
+    /// Starts the graceful shutdown and returns the proxy task.
+    pub fn shutdown(&mut self) -> JoinHandle<()> {
+        self.shutdown.cancel();
+        self.proxy.take().unwrap()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.proxy.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Reads and writes a protocol transcript, failing the test on a stall.
+pub struct TestClient<S> {
+    pub stream: S,
+    buf: Vec<u8>,
+}
+
+pub const STEP: Duration = Duration::from_secs(10);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TestClient<S> {
+    pub fn new(stream: S) -> Self {
+        TestClient { stream, buf: Vec::new() }
+    }
+
+    pub async fn send(&mut self, data: impl AsRef<[u8]>) {
+        tokio::time::timeout(STEP, self.stream.write_all(data.as_ref())).await.expect("write timed out").unwrap();
+    }
+
+    /// The next line without its CRLF; panics on EOF or a stall.
+    pub async fn line(&mut self) -> String {
+        self.try_line().await.expect("connection closed while a line was expected")
+    }
+
+    /// The next line, or None at EOF.
+    pub async fn try_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=at).collect();
+                let line = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string();
+                return Some(line);
+            }
+            self.buf.reserve(65536);
+            let n =
+                tokio::time::timeout(STEP, self.stream.read_buf(&mut self.buf)).await.expect("read timed out").ok()?;
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads one line and checks its beginning.
+    pub async fn expect(&mut self, prefix: &str) -> String {
+        let line = self.line().await;
+        assert!(line.starts_with(prefix), "expected a line starting with {prefix:?}, got {line:?}");
+        line
+    }
+
+    /// Reads lines until one starts with `prefix`; returns all of them.
+    pub async fn until(&mut self, prefix: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line().await;
+            let done = line.starts_with(prefix);
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        let take = self.buf.len().min(n);
+        out.extend(self.buf.drain(..take));
+        let mut rest = vec![0u8; n - out.len()];
+        tokio::time::timeout(STEP * 6, self.stream.read_exact(&mut rest)).await.expect("read timed out").unwrap();
+        out.extend_from_slice(&rest);
+        out
+    }
+
+    /// True once the peer has closed the connection (EOF or reset).
+    pub async fn closed(&mut self) -> bool {
+        loop {
+            self.buf.reserve(4096);
+            match tokio::time::timeout(STEP, self.stream.read_buf(&mut self.buf)).await.expect("peer did not close") {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+pub fn b64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// An `AUTH PLAIN` / `AUTHENTICATE PLAIN` initial response.
+pub fn plain(user: &str, pass: &str) -> String {
+    b64(format!("\0{user}\0{pass}").as_bytes())
+}
+
+/// A closed port on loopback: bound, then released.
+pub async fn closed_port() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr.to_string()
+}
+
+pub type Shared<T> = Arc<T>;
