@@ -47,7 +47,7 @@ fn summarize(config: &Config) {
         );
     }
     for id in config.identities.values() {
-        println!("  identity {:?}: {:?}, token endpoint {}", id.name, id.flow, id.token_url);
+        println!("  identity {:?}: {}, token endpoint {}", id.name, id.flow.as_str(), id.token_url);
     }
     println!("  {} account(s)", config.accounts.len());
     for w in &config.warnings {

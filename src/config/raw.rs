@@ -70,6 +70,15 @@ pub enum UpstreamTls {
     Starttls,
 }
 
+impl UpstreamTls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamTls::Implicit => "implicit",
+            UpstreamTls::Starttls => "starttls",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
@@ -112,6 +121,15 @@ pub struct RawCertificate {
 pub enum Flow {
     ClientCredentials,
     RefreshToken,
+}
+
+impl Flow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flow::ClientCredentials => "client_credentials",
+            Flow::RefreshToken => "refresh_token",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -79,8 +79,9 @@ pub fn source_for(
         (Flow::ClientCredentials, ClientCredential::SecretFile(path)) => SecretSource::File(path.clone()),
         (flow, credential) => {
             return Err(TokenError::Local(format!(
-                "identity {}: {flow:?} with {} is not supported by this version",
+                "identity {}: {} with {} is not supported by this version",
                 identity.name,
+                flow.as_str(),
                 match credential {
                     ClientCredential::Certificate { .. } => "a certificate",
                     ClientCredential::None => "no client credential",
