@@ -3,7 +3,9 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use xoauth2_proxy::cli;
+use xoauth2_proxy::config::raw::HumanDuration;
 
 const DEFAULT_CONFIG: &str = "/etc/xoauth2-proxy/config.yaml";
 
@@ -33,9 +35,34 @@ enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Sign in an account of a delegated (refresh_token) identity with the
+    /// device code flow and store its refresh token.
+    Login {
+        #[arg(short, long, env = "XOAUTH2_PROXY_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The account's username (or its mailbox).
+        account: String,
+    },
+    /// Print (or write) a valid access token for an account, refreshing as needed.
+    Token {
+        #[arg(short, long, env = "XOAUTH2_PROXY_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The account's username (or its mailbox).
+        account: String,
+        /// Write the token to this file (atomically, mode 0600) instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Refresh unless the token has at least this long to live (e.g. 30m).
+        #[arg(long, value_parser = parse_duration)]
+        min_lifetime: Option<Duration>,
+    },
     /// Read a password (no echo on a terminal, else one line of stdin) and
     /// print its argon2id hash for `password_hash`.
     HashPassword,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<HumanDuration>().map(|d| d.0)
 }
 
 fn main() -> ExitCode {
@@ -50,6 +77,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => runtime.block_on(cli::run::run(&config)),
         Command::Check { config, online } => runtime.block_on(cli::check::run(&config, online)),
+        Command::Login { config, account } => runtime.block_on(cli::login::run(&config, &account)),
+        Command::Token { config, account, output, min_lifetime } => {
+            runtime.block_on(cli::token::run(&config, &account, output.as_deref(), min_lifetime))
+        }
         Command::HashPassword => cli::hash_password::run(),
     }
 }

@@ -1,9 +1,8 @@
 //! `xoauth2-proxy check`: validate a config; with `--online`, also obtain a
 //! token for each identity and reach each upstream.
 
-use crate::config::{Config, LocalTls};
-use crate::server::Proxy;
-use crate::token::{provider, TokenKey, TokenManager};
+use crate::config::{Config, Flow, LocalTls};
+use crate::server::{build_token_manager, Proxy};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -64,23 +63,35 @@ async fn check_online(config: &Config) -> bool {
             return false;
         }
     };
+    let tokens = match build_token_manager(config, tls) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("  FAIL {e}");
+            return false;
+        }
+    };
     let mut ok = true;
     for id in config.identities.values() {
-        let mut tokens = TokenManager::new();
-        let result = match provider::source_for(id, tls.clone()) {
-            Ok(source) => {
-                tokens.add_identity(&id.name, source, id.min_token_lifetime);
-                tokens.get(&TokenKey::app(&id.name)).await.map(|t| t.remaining())
+        // App-only identities have one token; delegated ones one per account.
+        let accounts: Vec<&str> = match id.flow {
+            Flow::ClientCredentials => vec![""],
+            Flow::RefreshToken => {
+                config.accounts.iter().filter(|a| a.identity == id.name).map(|a| a.username.as_str()).collect()
             }
-            Err(e) => Err(e),
         };
-        match result {
-            Ok(remaining) => {
-                println!("  ok   identity {:?}: token obtained, valid for {}s", id.name, remaining.as_secs())
-            }
-            Err(e) => {
-                ok = false;
-                println!("  FAIL identity {:?}: {e}", id.name);
+        for account in accounts {
+            let key = tokens.key_for(&id.name, account);
+            let label = if account.is_empty() {
+                format!("identity {:?}", id.name)
+            } else {
+                format!("identity {:?} account {account:?}", id.name)
+            };
+            match tokens.get(&key).await {
+                Ok(token) => println!("  ok   {label}: token obtained, valid for {}s", token.remaining().as_secs()),
+                Err(e) => {
+                    ok = false;
+                    println!("  FAIL {label}: {e}");
+                }
             }
         }
     }

@@ -2,7 +2,9 @@
 
 pub mod check;
 pub mod hash_password;
+pub mod login;
 pub mod run;
+pub mod token;
 
 use crate::config::Config;
 use std::path::Path;

@@ -29,6 +29,7 @@ pub async fn run(config_path: &Path) -> ExitCode {
         identities = config.identities.len(),
         "xoauth2-proxy starting"
     );
+    proxy.warm_up_delegated(&config);
     let reloader = proxy.certificate_reloader();
     let reload_task = tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else { return };

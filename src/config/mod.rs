@@ -11,7 +11,7 @@ mod validate;
 use crate::protocol::Protocol;
 use crate::secret::Secret;
 pub use expand::{Env, ProcessEnv};
-pub use raw::{Flow, LocalTls, LogFormat, LogLevel, UpstreamTls};
+pub use raw::{Flow, JwtAlgorithm, LocalTls, LogFormat, LogLevel, UpstreamTls};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -30,6 +30,8 @@ pub struct Config {
     pub token_store: Option<TokenStoreConfig>,
     pub log: LogConfig,
     pub shutdown_timeout: Duration,
+    /// Run (by `/bin/sh -c`) when an account needs `xoauth2-proxy login` again.
+    pub on_reauth_required: Option<String>,
     /// Things that are allowed but deserve the admin's attention.
     pub warnings: Vec<String>,
 }
@@ -118,9 +120,11 @@ pub enum ClientCredential {
     Secret(Secret<String>),
     /// Read at each token request, so a rotated secret needs no restart.
     SecretFile(PathBuf),
+    /// A signed client assertion (JWT) instead of a secret.
     Certificate {
         cert_file: PathBuf,
         key_file: PathBuf,
+        algorithm: JwtAlgorithm,
     },
     /// A public client (delegated flows only).
     None,
@@ -144,6 +148,7 @@ pub enum PasswordConfig {
 
 #[derive(Debug)]
 pub struct TokenStoreConfig {
+    /// Directory of encrypted refresh tokens, one file per account.
     pub path: PathBuf,
     pub key: TokenStoreKey,
 }
@@ -237,6 +242,24 @@ impl Config {
 
     pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
         self.identities.get(name)
+    }
+
+    /// The account a command-line ACCOUNT names: a username (without regard
+    /// to case) or, failing that, a unique mailbox.
+    pub fn find_account(&self, name: &str) -> Result<&AccountConfig, String> {
+        if let Some(a) = self.accounts.iter().find(|a| a.username.eq_ignore_ascii_case(name)) {
+            return Ok(a);
+        }
+        let by_mailbox: Vec<&AccountConfig> =
+            self.accounts.iter().filter(|a| a.mailbox.eq_ignore_ascii_case(name)).collect();
+        match by_mailbox.as_slice() {
+            [one] => Ok(one),
+            [] => Err(format!("no account with username or mailbox {name:?} in {}", self.source.display())),
+            many => Err(format!(
+                "mailbox {name:?} belongs to several accounts ({}); name one by username",
+                many.iter().map(|a| a.username.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
     }
 }
 

@@ -26,6 +26,8 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub shutdown_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub on_reauth_required: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +116,15 @@ pub struct RawIdentity {
 pub struct RawCertificate {
     pub cert_file: String,
     pub key_file: String,
+    #[serde(default)]
+    pub algorithm: Option<JwtAlgorithm>,
+}
+
+/// Signature algorithm of the client assertion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    PS256,
+    RS256,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -1,6 +1,6 @@
 //! From the raw file to a typed [`Config`], collecting every problem with its key path.
 
-use super::raw::{self, Flow, LocalTls, RawConfig, UpstreamTls};
+use super::raw::{self, Flow, JwtAlgorithm, LocalTls, RawConfig, UpstreamTls};
 use super::{
     AccountConfig, ClientCredential, Config, IdentityConfig, Limits, ListenerConfig, LogConfig, PasswordConfig,
     Problem, TlsFiles, TokenStoreConfig, TokenStoreKey, UpstreamAddr, DEFAULT_SHUTDOWN_TIMEOUT,
@@ -182,17 +182,23 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
             ClientCredential::SecretFile(file)
         } else if let Some(cert) = id.certificate {
             let (cert_file, key_file) = (resolve(&cert.cert_file), resolve(&cert.key_file));
-            readable_file(&mut p, &at("certificate.cert_file"), &cert_file);
-            readable_file(&mut p, &at("certificate.key_file"), &key_file);
-            ClientCredential::Certificate { cert_file, key_file }
+            let algorithm = cert.algorithm.unwrap_or(JwtAlgorithm::PS256);
+            if readable_file(&mut p, &at("certificate.cert_file"), &cert_file)
+                && readable_file(&mut p, &at("certificate.key_file"), &key_file)
+            {
+                if let Err(e) = crate::token::assertion::Signer::load(&cert_file, &key_file, algorithm) {
+                    p.add(at("certificate"), e.to_string());
+                }
+            }
+            ClientCredential::Certificate { cert_file, key_file, algorithm }
         } else {
             if flow == Flow::ClientCredentials {
                 p.add(at("client_secret"), "client_credentials needs client_secret, client_secret_file or certificate");
             }
             ClientCredential::None
         };
-        if flow == Flow::RefreshToken {
-            p.add(at("flow"), "flow refresh_token is not available in this version; use client_credentials");
+        if flow == Flow::RefreshToken && raw.token_store.is_none() {
+            p.add(at("flow"), "flow refresh_token keeps refresh tokens in token_store: configure token_store.path");
         }
         let scope = id.scope.unwrap_or_else(|| match flow {
             Flow::ClientCredentials => IdentityConfig::APP_ONLY_SCOPE.to_string(),
@@ -284,17 +290,29 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
     }
 
     let token_store = raw.token_store.map(|s| {
+        if s.key_file.is_some() && s.key.is_some() {
+            p.add("token_store.key", "set either key_file or key, not both");
+        }
         let key = match (s.key_file, s.key) {
-            (Some(_), Some(_)) => {
-                p.add("token_store.key", "set either key_file or key, not both");
-                TokenStoreKey::File(resolve("key"))
+            (_, Some(key)) => {
+                if let Err(e) = crate::token::store::parse_key(&key) {
+                    p.add("token_store.key", e.to_string());
+                }
+                TokenStoreKey::Inline(Secret::new(key))
             }
             (Some(file), None) => TokenStoreKey::File(resolve(&file)),
-            (None, Some(key)) => TokenStoreKey::Inline(Secret::new(key)),
             (None, None) => TokenStoreKey::File(resolve(&s.path).join("key")),
         };
+        if s.path.trim().is_empty() {
+            p.add("token_store.path", "must not be empty");
+        }
         TokenStoreConfig { path: resolve(&s.path), key }
     });
+    if let Some(hook) = &raw.on_reauth_required {
+        if hook.trim().is_empty() {
+            p.add("on_reauth_required", "must not be empty (remove the key to run nothing)");
+        }
+    }
 
     let log = LogConfig {
         level: raw.log.level.unwrap_or(raw::LogLevel::Info),
@@ -312,6 +330,7 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
             token_store,
             log,
             shutdown_timeout: raw.shutdown_timeout.map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
+            on_reauth_required: raw.on_reauth_required,
             warnings,
         })
     } else {

@@ -8,6 +8,7 @@ use crate::accounts::Accounts;
 use crate::config::{Config, ListenerConfig, LocalTls as LocalTlsMode};
 use crate::protocol::Protocol;
 use crate::tls::{self, TlsError};
+use crate::token::store::TokenStore;
 use crate::token::{provider, TokenError, TokenManager};
 use crate::upstream::{Upstream, UpstreamError};
 use caps::CapabilityCache;
@@ -83,11 +84,7 @@ impl Proxy {
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         tls::install_default_provider();
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
-        let mut tokens = TokenManager::new();
-        for identity in config.identities.values() {
-            let source = provider::source_for(identity, client_tls.clone())?;
-            tokens.add_identity(&identity.name, source, identity.min_token_lifetime);
-        }
+        let tokens = build_token_manager(config, client_tls.clone())?;
         let shared = Arc::new(Shared { accounts: Accounts::from_config(config), tokens });
         let needs_tls = config.listeners.iter().any(|l| l.local_tls != LocalTlsMode::None);
         let server_tls = match (&config.tls, needs_tls) {
@@ -119,6 +116,20 @@ impl Proxy {
             listeners.push((socket, Arc::new(ctx)));
         }
         Ok(Proxy { listeners, shutdown_timeout: config.shutdown_timeout, server_tls, tls_files: config.tls.clone() })
+    }
+
+    /// Starts obtaining tokens for every delegated account, so their refresh
+    /// tokens stay in use even when no client logs in for months.
+    pub fn warm_up_delegated(&self, config: &Config) {
+        let Some((_, ctx)) = self.listeners.first() else { return };
+        let tokens = &ctx.shared.tokens;
+        let keys = config
+            .accounts
+            .iter()
+            .filter(|a| config.identity(&a.identity).is_some_and(|i| i.flow == crate::config::Flow::RefreshToken))
+            .map(|a| tokens.key_for(&a.identity, &a.username))
+            .collect();
+        tokens.warm_up(keys);
     }
 
     /// The address each listener is bound to (useful with port 0).
@@ -182,6 +193,28 @@ impl Proxy {
         }
         info!("stopped");
     }
+}
+
+/// The token manager for a config: one source per identity.
+pub fn build_token_manager(config: &Config, tls: Arc<rustls::ClientConfig>) -> Result<TokenManager, StartError> {
+    let store = match &config.token_store {
+        Some(store) => {
+            Some(Arc::new(TokenStore::open(store).map_err(|e| StartError::Token(TokenError::Store(e.to_string())))?))
+        }
+        None => None,
+    };
+    let ctx = provider::SourceContext {
+        tls,
+        store,
+        notifier: Arc::new(provider::ReauthNotifier::new(config.on_reauth_required.clone(), &config.source)),
+    };
+    let mut builder = TokenManager::builder();
+    for identity in config.identities.values() {
+        let source = provider::source_for(identity, &ctx)?;
+        let delegated = matches!(source, provider::Source::Delegated(_));
+        builder.add_identity(&identity.name, source.as_dyn(), identity.min_token_lifetime, delegated);
+    }
+    Ok(builder.build())
 }
 
 #[derive(Clone)]

@@ -11,7 +11,6 @@ use crate::protocol::smtp::{SmtpServer, SmtpSuccess};
 use crate::protocol::{Failure, LoginRequest, Next, PreAuth, Protocol, SessionOptions};
 use crate::sasl::xoauth2::printable;
 use crate::splice::{splice, SpliceEnd};
-use crate::token::TokenKey;
 use crate::upstream::{self, Authenticated, LoginError, Upstream, UpstreamError};
 use bytes::BytesMut;
 use std::future::Future;
@@ -363,7 +362,7 @@ impl<P: ProxyProtocol> Session<'_, P> {
             }
         };
         span.record("mailbox", account.mailbox.as_str());
-        let key = TokenKey::app(&account.identity);
+        let key = self.ctx.shared.tokens.key_for(&account.identity, &account.username);
         let user = P::upstream_user(&account);
         let mut retried = false;
         loop {

@@ -1,80 +1,300 @@
-//! The token cache: one slot per [`TokenKey`], single-flight refresh.
+//! The token cache: one slot per [`TokenKey`], single-flight requests,
+//! refresh in the background before a token gets too old to hand out,
+//! jittered exponential backoff while the endpoint fails, and the still-valid
+//! token served meanwhile.
 
 use super::{AccessToken, TokenError, TokenKey, TokenSource};
 use dashmap::DashMap;
+use rand::RngExt;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// First retry delay after a failed request; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 struct IdentityEntry {
     source: Arc<dyn TokenSource>,
     min_lifetime: Duration,
+    /// Tokens are per account (refresh tokens), not per identity.
+    delegated: bool,
+}
+
+impl IdentityEntry {
+    /// Below this much life left, a token is not handed out when a new one can be had.
+    fn threshold(&self, token: &AccessToken) -> Duration {
+        self.min_lifetime.min(token.lifetime() / 2)
+    }
+
+    /// While the endpoint fails, a token is still handed out above this floor.
+    fn floor(token: &AccessToken) -> Duration {
+        Duration::from_secs(60).min(token.lifetime() / 4)
+    }
+
+    /// When the background refresh should replace `token`: a little before it
+    /// reaches the threshold, so no client ever waits for a request; but not
+    /// before half its life, so very short-lived tokens cannot cause a storm.
+    fn refresh_at(&self, token: &AccessToken) -> Instant {
+        let lead = (token.lifetime() / 10).max(Duration::from_secs(1));
+        let issued = token.expires_at().checked_sub(token.lifetime()).unwrap_or_else(Instant::now);
+        let early = token.expires_at().checked_sub(self.threshold(token) + lead).unwrap_or(issued);
+        early.max(issued + token.lifetime() / 2)
+    }
+}
+
+#[derive(Default)]
+struct SlotState {
+    current: Option<AccessToken>,
+    /// Completed requests, so a caller can tell whether one finished while it waited.
+    attempts: u64,
+    failures: u32,
+    /// When the background refresh tries again after a failure.
+    retry_at: Option<Instant>,
+    last_error: Option<TokenError>,
 }
 
 #[derive(Default)]
 struct Slot {
-    current: Mutex<Option<AccessToken>>,
+    state: Mutex<SlotState>,
     /// Held while a request is in flight: later callers wait, then reuse its result.
     fetching: tokio::sync::Mutex<()>,
+    refresher: AtomicBool,
+}
+
+impl Slot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn usable(&self, entry: &IdentityEntry) -> Option<AccessToken> {
+        let state = self.state();
+        state.current.as_ref().filter(|t| t.remaining() > entry.threshold(t)).cloned()
+    }
+
+    /// The cached token, if it can still serve while the endpoint fails.
+    fn fallback(&self) -> Option<AccessToken> {
+        let state = self.state();
+        state.current.as_ref().filter(|t| t.remaining() > IdentityEntry::floor(t)).cloned()
+    }
+
+    /// The error of a request that completed since `seen`: a caller that
+    /// waited for that request shares its outcome instead of repeating it.
+    fn failed_since(&self, seen: u64) -> Option<TokenError> {
+        let state = self.state();
+        if state.attempts != seen {
+            state.last_error.clone()
+        } else {
+            None
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = FIRST_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(8));
+    let base = exp.min(MAX_BACKOFF);
+    // ±20% so that many proxies (or accounts) do not retry in step.
+    base.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+/// Makes one request for `key` and records the outcome in `slot`. The caller
+/// holds `slot.fetching`.
+async fn fetch_into(key: &TokenKey, slot: &Slot, entry: &IdentityEntry) -> Result<AccessToken, TokenError> {
+    match entry.source.fetch(key.account.as_deref()).await {
+        Ok(fresh) => {
+            let token = AccessToken::new(fresh.access_token, fresh.expires_in);
+            tracing::info!(token.key = %key, expires_in = ?fresh.expires_in, "obtained an access token");
+            let mut state = slot.state();
+            state.current = Some(token.clone());
+            state.attempts += 1;
+            state.failures = 0;
+            state.retry_at = None;
+            state.last_error = None;
+            Ok(token)
+        }
+        Err(e) => {
+            let mut state = slot.state();
+            state.attempts += 1;
+            state.failures += 1;
+            let delay = backoff(state.failures);
+            state.retry_at = Some(Instant::now() + delay);
+            let repeated = state.last_error.as_ref().is_some_and(|last| last.to_string() == e.to_string());
+            state.last_error = Some(e.clone());
+            if !repeated {
+                tracing::warn!(token.key = %key, error = %e, retry_in = ?delay, "token request failed");
+            }
+            Err(e)
+        }
+    }
+}
+
+struct Inner {
+    identities: HashMap<String, Arc<IdentityEntry>>,
+    slots: DashMap<TokenKey, Arc<Slot>>,
+    refreshers: Mutex<Vec<AbortHandle>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for task in self.refreshers.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Hands out access tokens; cheap to clone.
+#[derive(Clone)]
+pub struct TokenManager {
+    inner: Arc<Inner>,
 }
 
 #[derive(Default)]
-pub struct TokenManager {
-    identities: HashMap<String, IdentityEntry>,
-    slots: DashMap<TokenKey, Arc<Slot>>,
+pub struct TokenManagerBuilder {
+    identities: HashMap<String, Arc<IdentityEntry>>,
+}
+
+impl TokenManagerBuilder {
+    /// Registers the source for `identity`. A cached token is handed out only
+    /// while it has more than `min_lifetime` left (or half its lifetime, for
+    /// tokens issued with less than that in total). `delegated` sources hold
+    /// one token per account.
+    pub fn add_identity(
+        &mut self,
+        identity: &str,
+        source: Arc<dyn TokenSource>,
+        min_lifetime: Duration,
+        delegated: bool,
+    ) -> &mut Self {
+        self.identities.insert(identity.to_string(), Arc::new(IdentityEntry { source, min_lifetime, delegated }));
+        self
+    }
+
+    pub fn build(&mut self) -> TokenManager {
+        TokenManager {
+            inner: Arc::new(Inner {
+                identities: std::mem::take(&mut self.identities),
+                slots: DashMap::new(),
+                refreshers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
 }
 
 impl TokenManager {
-    pub fn new() -> Self {
-        TokenManager::default()
+    pub fn builder() -> TokenManagerBuilder {
+        TokenManagerBuilder::default()
     }
 
-    /// Registers the source for `identity`. A cached token is handed out only
-    /// while it has more than `min_lifetime` left (or half its lifetime, for
-    /// tokens issued with less than that in total).
-    pub fn add_identity(&mut self, identity: &str, source: Arc<dyn TokenSource>, min_lifetime: Duration) {
-        self.identities.insert(identity.to_string(), IdentityEntry { source, min_lifetime });
+    /// The cache key for an account of `identity`.
+    pub fn key_for(&self, identity: &str, account: &str) -> TokenKey {
+        let delegated = self.inner.identities.get(identity).is_some_and(|e| e.delegated);
+        TokenKey { identity: identity.into(), account: delegated.then(|| account.into()) }
     }
 
     fn slot(&self, key: &TokenKey) -> Arc<Slot> {
-        if let Some(slot) = self.slots.get(key) {
+        if let Some(slot) = self.inner.slots.get(key) {
             return slot.clone();
         }
-        self.slots.entry(key.clone()).or_default().clone()
+        self.inner.slots.entry(key.clone()).or_default().clone()
     }
 
-    fn usable(slot: &Slot, min_lifetime: Duration) -> Option<AccessToken> {
-        let current = slot.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.as_ref().filter(|t| t.remaining() > min_lifetime.min(t.lifetime() / 2)).cloned()
-    }
-
-    /// A token for `key` with enough life left, requesting one if needed.
+    /// A token for `key` with enough life left. Requests one if needed (one
+    /// request at a time per key); while the endpoint fails, hands out the
+    /// cached token as long as it is still comfortably valid.
     pub async fn get(&self, key: &TokenKey) -> Result<AccessToken, TokenError> {
-        let entry =
-            self.identities.get(&*key.identity).ok_or_else(|| TokenError::UnknownIdentity(key.identity.to_string()))?;
+        let entry = self
+            .inner
+            .identities
+            .get(&*key.identity)
+            .cloned()
+            .ok_or_else(|| TokenError::UnknownIdentity(key.identity.to_string()))?;
         let slot = self.slot(key);
-        if let Some(token) = Self::usable(&slot, entry.min_lifetime) {
+        if let Some(token) = slot.usable(&entry) {
             return Ok(token);
         }
+        let seen = slot.state().attempts;
         let _in_flight = slot.fetching.lock().await;
-        if let Some(token) = Self::usable(&slot, entry.min_lifetime) {
+        if let Some(token) = slot.usable(&entry) {
             return Ok(token);
         }
-        let fresh = entry.source.fetch(key.account.as_deref()).await?;
-        let token = AccessToken::new(fresh.access_token, fresh.expires_in);
-        tracing::info!(token.key = %key, expires_in = ?fresh.expires_in, "obtained new access token");
-        *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
-        Ok(token)
+        let result = match slot.failed_since(seen) {
+            Some(error) => Err(error),
+            None => fetch_into(key, &slot, &entry).await,
+        };
+        let result = result.or_else(|e| match slot.fallback() {
+            Some(token) => {
+                tracing::warn!(token.key = %key, remaining = ?token.remaining(), "token endpoint failing; using the cached token");
+                Ok(token)
+            }
+            None => Err(e),
+        });
+        if result.is_ok() {
+            self.start_refresher(key, &slot, &entry);
+        }
+        result
     }
 
     /// Forgets `token` if it is still the cached one for `key`: the upstream
     /// refused it, so the next [`get`](Self::get) must fetch a new one.
     pub fn invalidate(&self, key: &TokenKey, token: &AccessToken) {
-        if let Some(slot) = self.slots.get(key) {
-            let mut current = slot.current.lock().unwrap_or_else(|e| e.into_inner());
-            if current.as_ref().is_some_and(|c| c.same_as(token)) {
-                *current = None;
+        if let Some(slot) = self.inner.slots.get(key) {
+            let mut state = slot.state();
+            if state.current.as_ref().is_some_and(|c| c.same_as(token)) {
+                state.current = None;
+                state.retry_at = None;
             }
+        }
+    }
+
+    /// Keeps `key`'s token fresh from now on, whether or not clients ask.
+    fn start_refresher(&self, key: &TokenKey, slot: &Arc<Slot>, entry: &Arc<IdentityEntry>) {
+        if slot.refresher.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (key, slot, entry) = (key.clone(), slot.clone(), entry.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let wake = {
+                    let state = slot.state();
+                    match (state.retry_at, &state.current) {
+                        (Some(at), _) => at,
+                        (None, Some(token)) => entry.refresh_at(token),
+                        (None, None) => Instant::now(),
+                    }
+                };
+                tokio::time::sleep_until(wake).await;
+                let _in_flight = slot.fetching.lock().await;
+                let due = {
+                    let state = slot.state();
+                    let now = Instant::now();
+                    match (state.retry_at, &state.current) {
+                        (Some(at), _) => now >= at,
+                        (None, Some(token)) => now >= entry.refresh_at(token),
+                        (None, None) => true,
+                    }
+                };
+                if due {
+                    let _ = fetch_into(&key, &slot, &entry).await;
+                }
+            }
+        });
+        self.inner.refreshers.lock().unwrap_or_else(|e| e.into_inner()).push(task.abort_handle());
+    }
+
+    /// Obtains tokens for `keys` now, in the background, so their refresh
+    /// starts without waiting for a client (delegated accounts: this keeps
+    /// refresh tokens in use, so they do not expire for inactivity).
+    pub fn warm_up(&self, keys: Vec<TokenKey>) {
+        for key in keys {
+            let manager = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = manager.get(&key).await {
+                    tracing::warn!(token.key = %key, error = %e, "no access token at start");
+                }
+            });
         }
     }
 }
@@ -84,25 +304,28 @@ mod tests {
     use super::*;
     use crate::secret::Secret;
     use crate::token::{BoxFuture, FreshToken};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
-    struct Counting {
+    struct Scripted {
         calls: AtomicUsize,
         lifetime: Duration,
         delay: Duration,
-        fail: bool,
+        down: AtomicBool,
     }
 
-    impl TokenSource for Counting {
-        fn fetch<'a>(&'a self, _account: Option<&'a str>) -> BoxFuture<'a, Result<FreshToken, TokenError>> {
+    impl TokenSource for Scripted {
+        fn fetch<'a>(&'a self, account: Option<&'a str>) -> BoxFuture<'a, Result<FreshToken, TokenError>> {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(self.delay).await;
-                if self.fail {
+                if self.down.load(Ordering::SeqCst) {
                     return Err(TokenError::Unreachable("down".into()));
                 }
                 Ok(FreshToken {
-                    access_token: Secret::new(format!("token-{n}")),
+                    access_token: Secret::new(format!(
+                        "token-{n}{}",
+                        account.map(|a| format!("-{a}")).unwrap_or_default()
+                    )),
                     expires_in: self.lifetime,
                     refresh_token: None,
                 })
@@ -110,17 +333,22 @@ mod tests {
         }
     }
 
-    fn manager(lifetime: Duration, delay: Duration, fail: bool) -> (Arc<TokenManager>, Arc<Counting>) {
-        let source = Arc::new(Counting { calls: AtomicUsize::new(0), lifetime, delay, fail });
-        let mut m = TokenManager::new();
-        m.add_identity("contoso", source.clone(), Duration::from_secs(600));
-        (Arc::new(m), source)
+    fn manager(lifetime: Duration, delay: Duration, delegated: bool) -> (TokenManager, Arc<Scripted>) {
+        let source = Arc::new(Scripted { calls: AtomicUsize::new(0), lifetime, delay, down: AtomicBool::new(false) });
+        let m = TokenManager::builder()
+            .add_identity("contoso", source.clone(), Duration::from_secs(600), delegated)
+            .build();
+        (m, source)
+    }
+
+    fn calls(s: &Scripted) -> usize {
+        s.calls.load(Ordering::SeqCst)
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_callers_share_one_request() {
         let (m, source) = manager(Duration::from_secs(3600), Duration::from_millis(200), false);
-        let key = TokenKey::app("contoso");
+        let key = m.key_for("contoso", "printer");
         let tasks: Vec<_> = (0..200)
             .map(|_| {
                 let (m, key) = (m.clone(), key.clone());
@@ -130,31 +358,107 @@ mod tests {
         for t in tasks {
             assert_eq!(t.await.unwrap().unwrap(), "token-1");
         }
-        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls(&source), 1);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn refreshes_once_min_lifetime_is_reached() {
+    async fn delegated_identities_have_one_token_per_account() {
+        let (m, source) = manager(Duration::from_secs(3600), Duration::ZERO, true);
+        let a = m.key_for("contoso", "alice");
+        let b = m.key_for("contoso", "bob");
+        assert_ne!(a, b);
+        assert_eq!(m.get(&a).await.unwrap().expose(), "token-1-alice");
+        assert_eq!(m.get(&b).await.unwrap().expose(), "token-2-bob");
+        assert_eq!(m.get(&a).await.unwrap().expose(), "token-1-alice");
+        assert_eq!(calls(&source), 2);
+        let (app, _) = manager(Duration::from_secs(3600), Duration::ZERO, false);
+        assert_eq!(app.key_for("contoso", "alice"), app.key_for("contoso", "bob"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_background_refresh_replaces_a_token_before_clients_would_wait() {
         let (m, source) = manager(Duration::from_secs(3600), Duration::ZERO, false);
         let key = TokenKey::app("contoso");
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-1");
-        tokio::time::advance(Duration::from_secs(3600 - 601)).await;
-        assert_eq!(m.get(&key).await.unwrap().expose(), "token-1");
-        tokio::time::advance(Duration::from_secs(2)).await;
+        // Refresh is due 600s (threshold) + 360s (lead) before expiry.
+        tokio::time::sleep(Duration::from_secs(3600 - 961)).await;
+        assert_eq!(calls(&source), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(calls(&source), 2);
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-2");
-        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        // And it keeps going, one request per cycle.
+        tokio::time::sleep(Duration::from_secs(3 * 2640)).await;
+        assert_eq!(calls(&source), 5);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn short_lived_tokens_are_reused_for_half_their_life() {
+    async fn short_lived_tokens_are_used_for_about_half_their_life() {
         let (m, source) = manager(Duration::from_secs(60), Duration::ZERO, false);
         let key = TokenKey::app("contoso");
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-1");
-        tokio::time::advance(Duration::from_secs(29)).await;
+        tokio::time::sleep(Duration::from_secs(29)).await;
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-1");
-        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-2");
-        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(calls(&source), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tiny_lifetimes_cannot_cause_a_refresh_storm() {
+        let (m, source) = manager(Duration::from_secs(2), Duration::ZERO, false);
+        m.get(&TokenKey::app("contoso")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(calls(&source) <= 11, "{}", calls(&source));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_valid_token_is_served_while_the_endpoint_is_down() {
+        let (m, source) = manager(Duration::from_secs(3600), Duration::ZERO, false);
+        let key = TokenKey::app("contoso");
+        m.get(&key).await.unwrap();
+        source.down.store(true, Ordering::SeqCst);
+        // Past the refresh point and past the threshold: still served while above the floor.
+        tokio::time::sleep(Duration::from_secs(3600 - 300)).await;
+        assert_eq!(m.get(&key).await.unwrap().expose(), "token-1");
+        let failed_so_far = calls(&source);
+        assert!(failed_so_far >= 3, "the background refresh retried with backoff ({failed_so_far})");
+        // Backoff is bounded: at most one attempt per 48s (60s - 20%).
+        assert!(failed_so_far <= 2 + (2640 - 961) / 48 + 60, "{failed_so_far}");
+        // Below the floor, the failure reaches the caller.
+        tokio::time::sleep(Duration::from_secs(250)).await;
+        assert!(matches!(m.get(&key).await, Err(TokenError::Unreachable(_))));
+        // The endpoint recovers: within one backoff period a token is back.
+        source.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(MAX_BACKOFF + MAX_BACKOFF / 5).await;
+        assert!(m.get(&key).await.unwrap().expose().starts_with("token-"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_waiting_on_a_failed_request_share_its_error() {
+        let (m, source) = manager(Duration::from_secs(3600), Duration::from_secs(3), false);
+        source.down.store(true, Ordering::SeqCst);
+        let key = TokenKey::app("contoso");
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (m, key) = (m.clone(), key.clone());
+                tokio::spawn(async move { m.get(&key).await.is_err() })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+        assert_eq!(calls(&source), 1, "one request failed for all of them");
+        // A later caller tries again, and succeeds once the endpoint is back.
+        source.down.store(false, Ordering::SeqCst);
+        assert_eq!(m.get(&key).await.unwrap().expose(), "token-2");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_a_cap() {
+        let delays: Vec<Duration> = (1..=8).map(backoff).collect();
+        assert!(delays[0] >= Duration::from_secs(4) && delays[0] <= Duration::from_secs(6));
+        assert!(delays[2] >= Duration::from_secs(16) && delays[2] <= Duration::from_secs(24));
+        assert!(delays[7] <= Duration::from_secs(72));
     }
 
     #[tokio::test(start_paused = true)]
@@ -168,13 +472,7 @@ mod tests {
         // A late report about the old token must not throw away the new one.
         m.invalidate(&key, &first);
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-2");
-        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn errors_are_returned_and_unknown_identities_refused() {
-        let (m, _) = manager(Duration::from_secs(3600), Duration::ZERO, true);
-        assert!(matches!(m.get(&TokenKey::app("contoso")).await, Err(TokenError::Unreachable(_))));
+        assert_eq!(calls(&source), 2);
         assert!(matches!(m.get(&TokenKey::app("other")).await, Err(TokenError::UnknownIdentity(_))));
     }
 }

@@ -5,9 +5,11 @@
 //! out a cached one with enough life left, or makes exactly one request to the
 //! identity's source while every other caller for the same key waits for it.
 
+pub mod assertion;
 mod cache;
 pub mod entra;
 pub mod provider;
+pub mod store;
 
 pub use cache::TokenManager;
 pub use entra::EntraError;
@@ -105,7 +107,7 @@ impl fmt::Debug for AccessToken {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
     #[error("token endpoint unreachable: {0}")]
     Unreachable(String),
@@ -119,13 +121,24 @@ pub enum TokenError {
     Malformed(String),
     #[error("{0}")]
     Local(String),
+    #[error("token store: {0}")]
+    Store(String),
+    #[error("no refresh token stored for account {account} (identity {identity}): run `xoauth2-proxy login` for it")]
+    NotLoggedIn { identity: String, account: String },
+    #[error("the stored refresh token for {account} was refused; waiting for `{login}`")]
+    ReauthRequired { account: String, login: String },
     #[error("no identity named {0:?}")]
     UnknownIdentity(String),
 }
 
 impl TokenError {
-    /// A human must act (re-consent, `xoauth2-proxy login`): retrying will not help.
+    /// A human must act (re-consent, `xoauth2-proxy login`): retrying will not
+    /// help, and clients get the authentication-failure answer.
     pub fn requires_reauthorization(&self) -> bool {
-        matches!(self, TokenError::Entra(e) if e.error == "invalid_grant")
+        match self {
+            TokenError::Entra(e) => e.error == "invalid_grant",
+            TokenError::NotLoggedIn { .. } | TokenError::ReauthRequired { .. } => true,
+            _ => false,
+        }
     }
 }

@@ -49,6 +49,15 @@ impl TestPki {
         pki
     }
 
+    /// A self-signed certificate for an existing key (PEM), e.g. the RSA key
+    /// of an app registration's certificate credential.
+    pub fn self_signed_for_key(key_pem: &str, name: &str) -> String {
+        let key = KeyPair::from_pem(key_pem).expect("key PEM");
+        let mut params = CertificateParams::new(vec![name.to_string()]).expect("SAN");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.self_signed(&key).expect("self-signed certificate").pem()
+    }
+
     pub fn ca_path(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
     }

@@ -14,5 +14,5 @@ pub mod upstream;
 
 pub use certs::TestPki;
 pub use mailbox::Mailbox;
-pub use token::{Fault, TokenServer};
+pub use token::{DeviceOutcome, Fault, TokenServer};
 pub use upstream::{AfterAuth, FakeUpstream, Proto, UpstreamOptions, UpstreamTls};
