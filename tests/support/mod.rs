@@ -34,8 +34,13 @@ pub struct Options {
     pub smtp: UpstreamOptions,
     /// Extra YAML keys for every listener, e.g. `idle_timeout: 1s`.
     pub listener_extra: Vec<String>,
+    /// How the identity authenticates (YAML under the identity), replacing
+    /// the client secret; `{dir}` stands for the harness's temporary directory.
+    pub identity_auth: Vec<String>,
     /// Extra YAML keys for the identity, e.g. `token_timeout: 1s`.
     pub identity_extra: Vec<String>,
+    /// Extra top-level YAML lines, e.g. `token_store: ...`; `{dir}` as above.
+    pub top_extra: Vec<String>,
     /// Replace a protocol's upstream address (e.g. a closed port).
     pub upstream_override: HashMap<&'static str, String>,
     /// Point `upstream_ca_file` at a CA that did not sign the upstreams.
@@ -50,7 +55,9 @@ impl Default for Options {
             pop3: UpstreamOptions::new(Proto::Pop3),
             smtp: UpstreamOptions::new(Proto::Smtp),
             listener_extra: Vec::new(),
+            identity_auth: vec!["client_secret: ${TEST_CLIENT_SECRET}".into()],
             identity_extra: vec!["token_timeout: 2s".into()],
+            top_extra: Vec::new(),
             upstream_override: HashMap::new(),
             untrusted_upstream: false,
             shutdown_timeout: "5s",
@@ -66,6 +73,7 @@ pub struct Harness {
     pub pop3: FakeUpstream,
     pub smtp: FakeUpstream,
     pub config_text: String,
+    pub config_path: std::path::PathBuf,
     addrs: HashMap<String, SocketAddr>,
     shutdown: CancellationToken,
     proxy: Option<JoinHandle<()>>,
@@ -91,8 +99,12 @@ impl Harness {
             testkit::UpstreamTls::Implicit => "implicit",
             testkit::UpstreamTls::Starttls => "starttls",
         };
+        let dir = tempfile::tempdir().unwrap();
+        let fill = |line: &String| line.replace("{dir}", &dir.path().display().to_string());
         let extra: String = options.listener_extra.iter().map(|l| format!("    {l}\n")).collect();
-        let identity_extra: String = options.identity_extra.iter().map(|l| format!("    {l}\n")).collect();
+        let identity_extra: String =
+            options.identity_auth.iter().chain(&options.identity_extra).map(|l| format!("    {}\n", fill(l))).collect();
+        let top_extra: String = options.top_extra.iter().map(|l| format!("{}\n", fill(l))).collect();
         let ca = if options.untrusted_upstream { other_pki.ca_path() } else { pki.ca_path() };
         let config_text = format!(
             r#"
@@ -118,7 +130,6 @@ identities:
     authority: {authority}
     tenant: {tenant}
     client_id: {client_id}
-    client_secret: ${{TEST_CLIENT_SECRET}}
 {identity_extra}accounts:
   - username: printer
     password_hash: "{printer_hash}"
@@ -131,7 +142,7 @@ identities:
     identity: contoso
 shutdown_timeout: {shutdown}
 log: {{ level: debug }}
-"#,
+{top_extra}"#,
             imap_up = upstream("imap", &imap),
             pop3_up = upstream("pop3", &pop3),
             smtp_up = upstream("smtp", &smtp),
@@ -145,7 +156,6 @@ log: {{ level: debug }}
             printer_hash = cheap_hash(PRINTER_PASSWORD),
             shutdown = options.shutdown_timeout,
         );
-        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, &config_text).unwrap();
         let env: HashMap<String, String> =
@@ -156,7 +166,43 @@ log: {{ level: debug }}
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move { proxy.run(stop.cancelled_owned()).await });
-        Harness { pki, other_pki, token, imap, pop3, smtp, config_text, addrs, shutdown, proxy: Some(task), _dir: dir }
+        Harness {
+            pki,
+            other_pki,
+            token,
+            imap,
+            pop3,
+            smtp,
+            config_text,
+            config_path: path,
+            addrs,
+            shutdown,
+            proxy: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// The harness's temporary directory (config, token store).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// Runs the real binary with this harness's config and environment.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_xoauth2-proxy"));
+        cmd.args(args)
+            .arg("-c")
+            .arg(&self.config_path)
+            .env("TEST_CLIENT_SECRET", testkit::token::CLIENT_SECRET)
+            .env_remove("XOAUTH2_PROXY_LOG")
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    /// Runs the binary to completion without blocking the test's runtime,
+    /// which also serves the fakes the binary talks to.
+    pub async fn output(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::from(self.command(args)).output().await.unwrap()
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
