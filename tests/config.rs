@@ -45,9 +45,17 @@ fn the_example_config_parses_with_its_documented_defaults() {
     assert_eq!(config.accounts[0].smtp_user, "scanner@contoso.com");
     assert_eq!(config.shutdown_timeout.as_secs(), 30);
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
-    // The example's hash is a real argon2id hash of the documented password.
+    let delegated = &config.identities["fabrikam"];
+    assert_eq!(delegated.flow, Flow::RefreshToken);
+    assert!(delegated.scope.ends_with("offline_access"));
+    assert_eq!(delegated.device_code_url, "https://login.microsoftonline.com/fabrikam.onmicrosoft.com/oauth2/v2.0/devicecode");
+    let store = config.token_store.as_ref().unwrap();
+    assert_eq!(store.path, Path::new("/var/lib/xoauth2-proxy"));
+    assert!(config.on_reauth_required.as_deref().unwrap().contains("XOAUTH2_PROXY_ACCOUNT"));
+    assert_eq!(config.find_account("CRM").unwrap().mailbox, "sales@fabrikam.com");
+    assert_eq!(config.find_account("sales@fabrikam.com").unwrap().username, "crm");
     let accounts = xoauth2_proxy::accounts::Accounts::from_config(&config);
-    assert_eq!(accounts.len(), 1);
+    assert_eq!(accounts.len(), 2);
 }
 
 #[test]
