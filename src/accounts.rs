@@ -4,6 +4,13 @@
 //! Verification runs on the blocking pool because argon2 is deliberately slow,
 //! and an unknown username costs the same as a wrong password so that timing
 //! does not reveal which usernames exist.
+//!
+//! Hashing on every login would cap logins per second (a printer that opens a
+//! session per page), so recent successful verifications are remembered: a
+//! bounded set of HMAC-SHA256 tags of username and password under a key made
+//! at random when the accounts are loaded. The set dies with the `Accounts`
+//! (a config reload makes a new one), and holds no password or hash of one
+//! that could be attacked offline without the in-memory key.
 
 use crate::config::{AccountConfig, Config, PasswordConfig};
 use crate::sasl::Credentials;
@@ -42,6 +49,54 @@ pub struct Accounts {
     by_username: HashMap<String, Arc<Account>>,
     /// Verified against when the username is unknown, to spend the same time.
     decoy_hash: String,
+    verified: VerifiedCache,
+}
+
+/// How many recent verifications are remembered, and for how long.
+const VERIFIED_CAPACITY: usize = 1024;
+const VERIFIED_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Tags with the time they were verified, and their insertion order for eviction.
+type Entries = (HashMap<Vec<u8>, tokio::time::Instant>, std::collections::VecDeque<Vec<u8>>);
+
+struct VerifiedCache {
+    key: ring::hmac::Key,
+    entries: std::sync::Mutex<Entries>,
+}
+
+impl VerifiedCache {
+    fn new() -> Self {
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+            .unwrap_or_else(|_| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()));
+        VerifiedCache { key, entries: std::sync::Mutex::new((HashMap::new(), std::collections::VecDeque::new())) }
+    }
+
+    fn tag(&self, username: &str, password: &[u8]) -> Vec<u8> {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        ctx.update(username.to_lowercase().as_bytes());
+        ctx.update(b"\0");
+        ctx.update(password);
+        ctx.sign().as_ref().to_vec()
+    }
+
+    fn contains(&self, tag: &[u8]) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.0.get(tag).is_some_and(|at| at.elapsed() < VERIFIED_TTL)
+    }
+
+    fn insert(&self, tag: Vec<u8>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *entries;
+        if map.insert(tag.clone(), tokio::time::Instant::now()).is_none() {
+            order.push_back(tag);
+        }
+        while order.len() > VERIFIED_CAPACITY {
+            if let Some(oldest) = order.pop_front() {
+                map.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl Accounts {
@@ -69,7 +124,7 @@ impl Accounts {
             .collect();
         // Hash cost matches the default cost that `hash-password` uses.
         let decoy_hash = hash_password(b"decoy password for unknown usernames").unwrap_or_default();
-        Accounts { by_username, decoy_hash }
+        Accounts { by_username, decoy_hash, verified: VerifiedCache::new() }
     }
 
     pub fn lookup(&self, username: &str) -> Option<&Arc<Account>> {
@@ -86,24 +141,34 @@ impl Accounts {
 
     /// Checks a username and password. Usernames match without regard to case.
     pub async fn verify(&self, credentials: &Credentials) -> Result<Arc<Account>, AuthError> {
-        let account = self.lookup(&credentials.username).cloned();
-        let password = credentials.password.clone();
-        let (hash, plain) = match account.as_deref().map(|a| &a.password) {
-            Some(Password::Hash(h)) => (Some(h.clone()), None),
-            Some(Password::Plain(p)) => (None, Some(p.clone())),
-            None => (Some(self.decoy_hash.clone()), None),
+        let Some(account) = self.lookup(&credentials.username).cloned() else {
+            // Spend the time a real check would take, then refuse.
+            let (decoy, password) = (self.decoy_hash.clone(), credentials.password.clone());
+            let _ = tokio::task::spawn_blocking(move || verify_hash(&decoy, password.expose())).await;
+            return Err(AuthError::UnknownUser);
         };
-        let matches = match (hash, plain) {
-            (_, Some(expected)) => constant_time_eq(password.expose(), expected.expose().as_bytes()),
-            (Some(hash), None) => {
-                tokio::task::spawn_blocking(move || verify_hash(&hash, password.expose())).await.unwrap_or(false)
+        let matches = match &account.password {
+            Password::Plain(expected) => constant_time_eq(credentials.password.expose(), expected.expose().as_bytes()),
+            Password::Hash(hash) => {
+                let tag = self.verified.tag(&credentials.username, credentials.password.expose());
+                if self.verified.contains(&tag) {
+                    true
+                } else {
+                    let (hash, password) = (hash.clone(), credentials.password.clone());
+                    let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, password.expose()))
+                        .await
+                        .unwrap_or(false);
+                    if ok {
+                        self.verified.insert(tag);
+                    }
+                    ok
+                }
             }
-            (None, None) => false,
         };
-        match (account, matches) {
-            (None, _) => Err(AuthError::UnknownUser),
-            (Some(_), false) => Err(AuthError::WrongPassword),
-            (Some(account), true) => Ok(account),
+        if matches {
+            Ok(account)
+        } else {
+            Err(AuthError::WrongPassword)
         }
     }
 }
@@ -170,6 +235,35 @@ mod tests {
         assert_eq!(accounts.verify(&creds("app", "pw")).await.unwrap().username, "app");
         assert_eq!(accounts.verify(&creds("app", "pw ")).await.unwrap_err(), AuthError::WrongPassword);
         assert_eq!(accounts.verify(&creds("nobody", "pw")).await.unwrap_err(), AuthError::UnknownUser);
+    }
+
+    #[tokio::test]
+    async fn successful_verifications_are_remembered_per_password() {
+        let accounts = Accounts::new(&[account("printer", PasswordConfig::Hash(hash_password(b"right").unwrap()))]);
+        let started = std::time::Instant::now();
+        assert!(accounts.verify(&creds("printer", "right")).await.is_ok());
+        let first = started.elapsed();
+        let started = std::time::Instant::now();
+        for _ in 0..20 {
+            assert!(accounts.verify(&creds("Printer", "right")).await.is_ok());
+        }
+        assert!(started.elapsed() < first, "20 cached verifications took longer than one argon2 run");
+        // A wrong password is never served from the cache.
+        assert_eq!(accounts.verify(&creds("printer", "wrong")).await.unwrap_err(), AuthError::WrongPassword);
+        // A reloaded account set starts empty.
+        let reloaded = Accounts::new(&[account("printer", PasswordConfig::Hash(hash_password(b"new").unwrap()))]);
+        assert_eq!(reloaded.verify(&creds("printer", "right")).await.unwrap_err(), AuthError::WrongPassword);
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let cache = VerifiedCache::new();
+        for i in 0..(VERIFIED_CAPACITY + 10) {
+            cache.insert(cache.tag(&format!("user{i}"), b"pw"));
+        }
+        assert!(!cache.contains(&cache.tag("user0", b"pw")));
+        assert!(cache.contains(&cache.tag(&format!("user{}", VERIFIED_CAPACITY + 9), b"pw")));
+        assert_eq!(cache.entries.lock().unwrap().0.len(), VERIFIED_CAPACITY);
     }
 
     #[test]

@@ -59,6 +59,23 @@ enum Command {
     /// Read a password (no echo on a terminal, else one line of stdin) and
     /// print its argon2id hash for `password_hash`.
     HashPassword,
+    /// Write a self-signed certificate (local.pem) and key (local-key.pem,
+    /// mode 0600) for local TLS.
+    GenCert {
+        /// Directory for the two files.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// A host name or IP address clients use to reach the proxy (repeat
+        /// for several; default localhost, 127.0.0.1 and ::1).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -82,5 +99,6 @@ fn main() -> ExitCode {
             runtime.block_on(cli::token::run(&config, &account, output.as_deref(), min_lifetime))
         }
         Command::HashPassword => cli::hash_password::run(),
+        Command::GenCert { out, hosts, days, force } => cli::gen_cert::run(&out, &hosts, days, force),
     }
 }

@@ -48,7 +48,10 @@ fn the_example_config_parses_with_its_documented_defaults() {
     let delegated = &config.identities["fabrikam"];
     assert_eq!(delegated.flow, Flow::RefreshToken);
     assert!(delegated.scope.ends_with("offline_access"));
-    assert_eq!(delegated.device_code_url, "https://login.microsoftonline.com/fabrikam.onmicrosoft.com/oauth2/v2.0/devicecode");
+    assert_eq!(
+        delegated.device_code_url,
+        "https://login.microsoftonline.com/fabrikam.onmicrosoft.com/oauth2/v2.0/devicecode"
+    );
     let store = config.token_store.as_ref().unwrap();
     assert_eq!(store.path, Path::new("/var/lib/xoauth2-proxy"));
     assert!(config.on_reauth_required.as_deref().unwrap().contains("XOAUTH2_PROXY_ACCOUNT"));

@@ -15,7 +15,15 @@ async fn pop3_login(h: &Harness, user: &str, pass: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_logins_make_one_token_request() {
-    let h = std::sync::Arc::new(Harness::start().await);
+    // All from one address to one mailbox: lift the caps that would refuse that.
+    let h = std::sync::Arc::new(
+        Harness::with(Options {
+            listener_extra: vec!["max_connections_per_ip: 1000".into()],
+            top_extra: vec!["max_sessions_per_mailbox: 1000".into()],
+            ..Options::default()
+        })
+        .await,
+    );
     let logins: Vec<_> = (0..200)
         .map(|_| {
             let h = h.clone();

@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand.
 
 pub mod check;
+pub mod gen_cert;
 pub mod hash_password;
 pub mod login;
 pub mod run;

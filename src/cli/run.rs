@@ -30,14 +30,23 @@ pub async fn run(config_path: &Path) -> ExitCode {
         "xoauth2-proxy starting"
     );
     proxy.warm_up_delegated(&config);
-    let reloader = proxy.certificate_reloader();
+    let reloader = proxy.reloader();
+    let path = config_path.to_path_buf();
     let reload_task = tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
         while hup.recv().await.is_some() {
-            match reloader.reload() {
-                Ok(true) => info!("SIGHUP: local TLS certificate reloaded"),
-                Ok(false) => info!("SIGHUP: no listener uses local TLS; nothing to reload"),
-                Err(e) => error!("SIGHUP: keeping the current certificate: {e}"),
+            let config = match crate::config::Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    error!("SIGHUP: the configuration has errors; keeping the current one:\n{e}");
+                    continue;
+                }
+            };
+            match reloader.reload(&config) {
+                Ok(done) => {
+                    info!("SIGHUP: reloaded {done}; listeners, identities and token_store apply at the next start")
+                }
+                Err(e) => error!("SIGHUP: keeping the current configuration: {e}"),
             }
         }
     });

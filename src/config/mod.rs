@@ -4,6 +4,7 @@
 //! string values, then typed deserialization ([`raw`]) and validation
 //! ([`validate`]). Every problem names the file, the key path and what is wrong.
 
+pub mod cidr;
 pub mod expand;
 pub mod raw;
 mod validate;
@@ -32,6 +33,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Run (by `/bin/sh -c`) when an account needs `xoauth2-proxy login` again.
     pub on_reauth_required: Option<String>,
+    /// Upstream sessions (logins in progress and spliced) per mailbox, across listeners.
+    pub max_sessions_per_mailbox: usize,
+    pub login_throttle: LoginThrottle,
     /// Things that are allowed but deserve the admin's attention.
     pub warnings: Vec<String>,
 }
@@ -48,6 +52,8 @@ pub struct ListenerConfig {
     /// Passwords may arrive over an unencrypted connection: a loopback bind,
     /// or `allow_plaintext_auth: true`.
     pub plaintext_allowed: bool,
+    /// Client addresses allowed to connect; empty means everyone.
+    pub allow_from: Vec<cidr::Cidr>,
     pub limits: Limits,
 }
 
@@ -58,6 +64,8 @@ pub struct Limits {
     pub preauth_timeout: Duration,
     pub idle_timeout: Duration,
     pub upstream_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
 }
 
 impl Limits {
@@ -66,7 +74,34 @@ impl Limits {
     pub const DEFAULT_PREAUTH_TIMEOUT: Duration = Duration::from_secs(60);
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
     pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+    pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 50;
 }
+
+/// Delays after repeated failed logins, per client address and per username.
+#[derive(Debug, Clone)]
+pub struct LoginThrottle {
+    /// Failures allowed without delay.
+    pub free_failures: u32,
+    /// The first delay; each further failure doubles it.
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    /// A record is forgotten after this long without failures.
+    pub forget_after: Duration,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        LoginThrottle {
+            free_failures: 3,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            forget_after: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+pub const DEFAULT_MAX_SESSIONS_PER_MAILBOX: usize = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddr {

@@ -28,6 +28,24 @@ pub struct RawConfig {
     pub shutdown_timeout: Option<HumanDuration>,
     #[serde(default)]
     pub on_reauth_required: Option<String>,
+    #[serde(default)]
+    pub max_sessions_per_mailbox: Option<usize>,
+    #[serde(default)]
+    pub login_throttle: Option<RawLoginThrottle>,
+}
+
+/// Delays after repeated failed logins from one client address or for one username.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoginThrottle {
+    #[serde(default)]
+    pub free_failures: Option<u32>,
+    #[serde(default)]
+    pub initial_delay: Option<HumanDuration>,
+    #[serde(default)]
+    pub max_delay: Option<HumanDuration>,
+    #[serde(default)]
+    pub forget_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +73,12 @@ pub struct RawListener {
     pub idle_timeout: Option<HumanDuration>,
     #[serde(default)]
     pub upstream_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub max_connections_per_ip: Option<usize>,
+    #[serde(default)]
+    pub allow_from: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -95,7 +119,7 @@ pub struct RawIdentity {
     pub authority: Option<String>,
     pub tenant: String,
     pub client_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "secret_scalar")]
     pub client_secret: Option<String>,
     #[serde(default)]
     pub client_secret_file: Option<String>,
@@ -149,7 +173,7 @@ pub struct RawAccount {
     pub username: String,
     #[serde(default)]
     pub password_hash: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "secret_scalar")]
     pub password: Option<String>,
     pub mailbox: String,
     #[serde(default)]
@@ -163,7 +187,7 @@ pub struct RawTokenStore {
     pub path: String,
     #[serde(default)]
     pub key_file: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "secret_scalar")]
     pub key: Option<String>,
 }
 
@@ -191,6 +215,44 @@ pub enum LogLevel {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// A secret written as any YAML scalar: `password: 123456` is the string
+/// "123456". Type errors never echo the value, which a default serde message
+/// would put in the error text.
+fn secret_scalar<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Err(E::custom("write this secret in quotes: a number with a fraction loses digits"))
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(de::Error::custom("expected a string, found a list"))
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(de::Error::custom("expected a string, found a mapping"))
+        }
+    }
+    deserializer.deserialize_any(V)
 }
 
 /// A duration written as `90s`, `30m`, `1h`, `500ms`, or a number of seconds.

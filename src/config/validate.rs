@@ -1,9 +1,11 @@
 //! From the raw file to a typed [`Config`], collecting every problem with its key path.
 
+use super::cidr::Cidr;
 use super::raw::{self, Flow, JwtAlgorithm, LocalTls, RawConfig, UpstreamTls};
 use super::{
-    AccountConfig, ClientCredential, Config, IdentityConfig, Limits, ListenerConfig, LogConfig, PasswordConfig,
-    Problem, TlsFiles, TokenStoreConfig, TokenStoreKey, UpstreamAddr, DEFAULT_SHUTDOWN_TIMEOUT,
+    AccountConfig, ClientCredential, Config, IdentityConfig, Limits, ListenerConfig, LogConfig, LoginThrottle,
+    PasswordConfig, Problem, TlsFiles, TokenStoreConfig, TokenStoreKey, UpstreamAddr, DEFAULT_MAX_SESSIONS_PER_MAILBOX,
+    DEFAULT_SHUTDOWN_TIMEOUT,
 };
 use crate::protocol::Protocol;
 use crate::secret::Secret;
@@ -118,7 +120,26 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
             preauth_timeout: l.preauth_timeout.map_or(Limits::DEFAULT_PREAUTH_TIMEOUT, |d| d.0),
             idle_timeout: l.idle_timeout.map_or(Limits::DEFAULT_IDLE_TIMEOUT, |d| d.0),
             upstream_timeout: l.upstream_timeout.map_or(Limits::DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
+            max_connections: l.max_connections.unwrap_or(Limits::DEFAULT_MAX_CONNECTIONS),
+            max_connections_per_ip: l.max_connections_per_ip.unwrap_or(Limits::DEFAULT_MAX_CONNECTIONS_PER_IP),
         };
+        for (key, n) in
+            [("max_connections", limits.max_connections), ("max_connections_per_ip", limits.max_connections_per_ip)]
+        {
+            if n == 0 {
+                p.add(at(key), "must be at least 1");
+            }
+        }
+        let mut allow_from = Vec::new();
+        for (j, range) in l.allow_from.iter().flatten().enumerate() {
+            match range.parse::<Cidr>() {
+                Ok(c) => allow_from.push(c),
+                Err(e) => p.add(format!("listeners[{i}].allow_from[{j}]"), e),
+            }
+        }
+        if l.allow_from.as_ref().is_some_and(|a| a.is_empty()) {
+            p.add(at("allow_from"), "an empty list would refuse every client; remove the key to allow all");
+        }
         if !(512..=1 << 20).contains(&limits.max_line_length) {
             p.add(at("max_line_length"), "must be between 512 and 1048576 bytes");
         }
@@ -144,6 +165,7 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
                 upstream_tls,
                 require_tls,
                 plaintext_allowed,
+                allow_from,
                 limits,
             });
         }
@@ -314,6 +336,24 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
         }
     }
 
+    let max_sessions_per_mailbox = raw.max_sessions_per_mailbox.unwrap_or(DEFAULT_MAX_SESSIONS_PER_MAILBOX);
+    if max_sessions_per_mailbox == 0 {
+        p.add("max_sessions_per_mailbox", "must be at least 1");
+    }
+    let defaults = LoginThrottle::default();
+    let login_throttle = match raw.login_throttle {
+        None => defaults,
+        Some(t) => LoginThrottle {
+            free_failures: t.free_failures.unwrap_or(defaults.free_failures),
+            initial_delay: t.initial_delay.map_or(defaults.initial_delay, |d| d.0),
+            max_delay: t.max_delay.map_or(defaults.max_delay, |d| d.0),
+            forget_after: t.forget_after.map_or(defaults.forget_after, |d| d.0),
+        },
+    };
+    if login_throttle.max_delay < login_throttle.initial_delay {
+        p.add("login_throttle.max_delay", "must not be shorter than initial_delay");
+    }
+
     let log = LogConfig {
         level: raw.log.level.unwrap_or(raw::LogLevel::Info),
         format: raw.log.format.unwrap_or(raw::LogFormat::Text),
@@ -331,6 +371,8 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
             log,
             shutdown_timeout: raw.shutdown_timeout.map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
             on_reauth_required: raw.on_reauth_required,
+            max_sessions_per_mailbox,
+            login_throttle,
             warnings,
         })
     } else {

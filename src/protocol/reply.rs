@@ -85,6 +85,19 @@ impl Failure {
     }
 }
 
+/// The reply for `failure` in `protocol`'s syntax (IMAP untagged unless `tag`).
+pub fn for_protocol(protocol: super::Protocol, failure: Failure, tag: Option<&str>) -> Vec<u8> {
+    match protocol {
+        super::Protocol::Smtp => smtp(failure).to_vec(),
+        super::Protocol::Pop3 => pop3(failure).to_vec(),
+        super::Protocol::Imap => {
+            let mut out = Vec::new();
+            imap(failure, tag, &mut out);
+            out
+        }
+    }
+}
+
 /// SMTP replies (RFC 5321, enhanced codes per RFC 3463 / RFC 4954).
 pub fn smtp(failure: Failure) -> &'static [u8] {
     match failure {

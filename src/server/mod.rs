@@ -1,6 +1,7 @@
 //! The listeners: bind, accept, one task per connection, graceful drain.
 
 mod caps;
+pub mod limits;
 mod session;
 mod stream;
 
@@ -12,6 +13,7 @@ use crate::token::store::TokenStore;
 use crate::token::{provider, TokenError, TokenManager};
 use crate::upstream::{Upstream, UpstreamError};
 use caps::CapabilityCache;
+use limits::{ConnectionLimiter, LoginThrottler, MailboxLimiter, Refusal};
 use rustls::ServerConfig;
 use session::Signals;
 use std::future::Future;
@@ -25,8 +27,17 @@ use tracing::{error, info, warn};
 
 /// State shared by every listener.
 pub struct Shared {
-    pub accounts: Accounts,
+    /// Replaced as a whole when the configuration is reloaded.
+    accounts: RwLock<Arc<Accounts>>,
     pub tokens: TokenManager,
+    pub throttle: LoginThrottler,
+    pub mailboxes: MailboxLimiter,
+}
+
+impl Shared {
+    pub fn accounts(&self) -> Arc<Accounts> {
+        self.accounts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// The server certificate for local TLS, replaceable while running.
@@ -57,6 +68,7 @@ pub struct ListenerCtx {
     caps: CapabilityCache,
     pub shared: Arc<Shared>,
     local_tls: Option<LocalTls>,
+    connections: ConnectionLimiter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +87,7 @@ pub struct Proxy {
     listeners: Vec<(TcpListener, Arc<ListenerCtx>)>,
     shutdown_timeout: Duration,
     server_tls: Option<Arc<RwLock<Arc<ServerConfig>>>>,
-    tls_files: Option<crate::config::TlsFiles>,
+    shared: Arc<Shared>,
 }
 
 impl Proxy {
@@ -85,7 +97,12 @@ impl Proxy {
         tls::install_default_provider();
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
         let tokens = build_token_manager(config, client_tls.clone())?;
-        let shared = Arc::new(Shared { accounts: Accounts::from_config(config), tokens });
+        let shared = Arc::new(Shared {
+            accounts: RwLock::new(Arc::new(Accounts::from_config(config))),
+            tokens,
+            throttle: LoginThrottler::new(config.login_throttle.clone()),
+            mailboxes: MailboxLimiter::new(config.max_sessions_per_mailbox),
+        });
         let needs_tls = config.listeners.iter().any(|l| l.local_tls != LocalTlsMode::None);
         let server_tls = match (&config.tls, needs_tls) {
             (Some(files), true) => Some(Arc::new(RwLock::new(tls::server_config(&files.cert_file, &files.key_file)?))),
@@ -112,10 +129,11 @@ impl Proxy {
                 caps: CapabilityCache::default(),
                 shared: shared.clone(),
                 local_tls,
+                connections: ConnectionLimiter::new(l.limits.max_connections, l.limits.max_connections_per_ip),
             };
             listeners.push((socket, Arc::new(ctx)));
         }
-        Ok(Proxy { listeners, shutdown_timeout: config.shutdown_timeout, server_tls, tls_files: config.tls.clone() })
+        Ok(Proxy { listeners, shutdown_timeout: config.shutdown_timeout, server_tls, shared })
     }
 
     /// Starts obtaining tokens for every delegated account, so their refresh
@@ -161,9 +179,9 @@ impl Proxy {
         Ok(results)
     }
 
-    /// A handle that can reload certificates while [`Proxy::run`] owns the proxy.
-    pub fn certificate_reloader(&self) -> CertificateReloader {
-        CertificateReloader { slot: self.server_tls.clone(), files: self.tls_files.clone() }
+    /// A handle that applies a re-read configuration while [`Proxy::run`] owns the proxy.
+    pub fn reloader(&self) -> Reloader {
+        Reloader { slot: self.server_tls.clone(), shared: self.shared.clone() }
     }
 
     /// Serves until `shutdown` completes, then stops accepting, tells clients
@@ -217,22 +235,32 @@ pub fn build_token_manager(config: &Config, tls: Arc<rustls::ClientConfig>) -> R
     Ok(builder.build())
 }
 
+/// Applies a reloaded configuration (SIGHUP) to a running proxy.
 #[derive(Clone)]
-pub struct CertificateReloader {
+pub struct Reloader {
     slot: Option<Arc<RwLock<Arc<ServerConfig>>>>,
-    files: Option<crate::config::TlsFiles>,
+    shared: Arc<Shared>,
 }
 
-impl CertificateReloader {
-    /// Re-reads the local TLS certificate and key; sessions already running
-    /// keep the one they started with. False when no listener uses local TLS.
-    pub fn reload(&self) -> Result<bool, TlsError> {
-        let (Some(slot), Some(files)) = (&self.slot, &self.files) else {
-            return Ok(false);
+impl Reloader {
+    /// Replaces the accounts (which also empties the password verification
+    /// cache) and re-reads the local TLS certificate and key. Sessions
+    /// already running keep what they started with. Listeners, identities
+    /// and the token store are read at start only.
+    pub fn reload(&self, config: &Config) -> Result<String, TlsError> {
+        let fresh_tls = match (&self.slot, &config.tls) {
+            (Some(_), Some(files)) => Some(tls::server_config(&files.cert_file, &files.key_file)?),
+            _ => None,
         };
-        let fresh = tls::server_config(&files.cert_file, &files.key_file)?;
-        *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        Ok(true)
+        let accounts = Accounts::from_config(config);
+        let count = accounts.len();
+        *self.shared.accounts.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(accounts);
+        let mut done = format!("{count} accounts");
+        if let (Some(slot), Some(fresh)) = (&self.slot, fresh_tls) {
+            *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+            done.push_str(" and the local TLS certificate");
+        }
+        Ok(done)
     }
 }
 
@@ -244,10 +272,29 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let guard = signals.session_opened();
+                let allowed = &ctx.config.allow_from;
+                if !allowed.is_empty() && !allowed.iter().any(|range| range.contains(peer.ip())) {
+                    info!(listener = %ctx.config.name, client.addr = %peer, "connection refused: address not in allow_from");
+                    continue;
+                }
+                let admitted = match ctx.connections.try_admit(peer.ip()) {
+                    Ok(guard) => guard,
+                    Err(refusal) => {
+                        let (what, limit) = match refusal {
+                            Refusal::ListenerFull => ("max_connections", ctx.config.limits.max_connections),
+                            Refusal::AddressFull => {
+                                ("max_connections_per_ip", ctx.config.limits.max_connections_per_ip)
+                            }
+                        };
+                        warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
+                        tracker.spawn(turn_away(ctx.clone(), tcp));
+                        continue;
+                    }
+                };
+                let open = signals.session_opened();
                 let (ctx, signals) = (ctx.clone(), signals.clone());
                 tracker.spawn(async move {
-                    let _open = guard;
+                    let _held = (open, admitted);
                     dispatch(ctx, tcp, peer, signals).await;
                 });
             }
@@ -258,6 +305,17 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
             }
         }
     }
+}
+
+/// Tells a client over a connection limit why it is refused, then hangs up.
+/// (On an implicit-TLS listener there is no way to say it in the clear.)
+async fn turn_away(ctx: Arc<ListenerCtx>, mut tcp: TcpStream) {
+    if ctx.local_tls.as_ref().is_some_and(|t| t.implicit) {
+        return;
+    }
+    let reply =
+        crate::protocol::reply::for_protocol(ctx.config.protocol, crate::protocol::Failure::TooManyConnections, None);
+    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncWriteExt::write_all(&mut tcp, &reply)).await;
 }
 
 async fn dispatch(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: Signals) {

@@ -2,6 +2,7 @@
 //! then the splice. Generic over the protocol; everything protocol-specific
 //! is behind [`ProxyProtocol`].
 
+use super::limits::MailboxGuard;
 use super::stream::ClientStream;
 use super::ListenerCtx;
 use crate::accounts::Account;
@@ -184,10 +185,13 @@ pub(crate) async fn run<P: ProxyProtocol>(ctx: Arc<ListenerCtx>, tcp: TcpStream,
         };
         Session::<P> {
             ctx: &ctx,
+            peer,
             stream,
             inbuf: BytesMut::with_capacity(4096),
             out: Vec::new(),
             signals,
+            named: Default::default(),
+            mailbox_named: Default::default(),
             protocol: PhantomData,
         }
         .drive()
@@ -199,10 +203,14 @@ pub(crate) async fn run<P: ProxyProtocol>(ctx: Arc<ListenerCtx>, tcp: TcpStream,
 
 struct Session<'a, P: ProxyProtocol> {
     ctx: &'a ListenerCtx,
+    peer: SocketAddr,
     stream: ClientStream,
     inbuf: BytesMut,
     out: Vec<u8>,
     signals: Signals,
+    /// Whether the span has its `user` / `mailbox` fields yet.
+    named: std::sync::atomic::AtomicBool,
+    mailbox_named: std::sync::atomic::AtomicBool,
     protocol: PhantomData<P>,
 }
 
@@ -327,7 +335,7 @@ impl<P: ProxyProtocol> Session<'_, P> {
                         return;
                     }
                     match self.authenticate(&caps, request).await {
-                        Ok(authenticated) => {
+                        Ok((authenticated, _mailbox_place)) => {
                             machine.auth_succeeded(&authenticated.success, &mut self.out);
                             if !self.flush().await {
                                 return;
@@ -350,18 +358,48 @@ impl<P: ProxyProtocol> Session<'_, P> {
 
     /// Verifies the local login, obtains a token, and logs in upstream,
     /// retrying once with a fresh token if the upstream refuses the first.
-    async fn authenticate(&self, caps: &[String], request: LoginRequest) -> Result<Authenticated<P::Success>, Failure> {
+    /// On success the mailbox's session place is held until the returned guard drops.
+    async fn authenticate(
+        &self,
+        caps: &[String],
+        request: LoginRequest,
+    ) -> Result<(Authenticated<P::Success>, MailboxGuard), Failure> {
         let span = tracing::Span::current();
+        let shared = &self.ctx.shared;
         let username = printable(request.credentials.username.as_bytes(), 128);
-        span.record("user", username.as_str());
-        let account = match self.ctx.shared.accounts.verify(&request.credentials).await {
-            Ok(account) => account,
+        // A span field recorded twice is printed twice: name the session once.
+        if !self.named.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            span.record("user", username.as_str());
+        }
+        let account = match shared.accounts().verify(&request.credentials).await {
+            Ok(account) => {
+                shared.throttle.succeeded(&request.credentials.username);
+                account
+            }
             Err(e) => {
-                warn!(user = %username, reason = %e, "login failed: {e}");
+                let delay = shared.throttle.failed(self.peer.ip(), &request.credentials.username);
+                // One line per failure, with the address and username, for fail2ban.
+                warn!(
+                    client.ip = %self.peer.ip(),
+                    user = %username,
+                    reason = %e,
+                    delay_ms = delay.as_millis() as u64,
+                    "authentication failure"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.signals.drain.cancelled() => {}
+                }
                 return Err(Failure::AuthFailed);
             }
         };
-        span.record("mailbox", account.mailbox.as_str());
+        if !self.mailbox_named.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            span.record("mailbox", account.mailbox.as_str());
+        }
+        let Some(place) = shared.mailboxes.try_acquire(&account.mailbox) else {
+            warn!("refused: the mailbox already has max_sessions_per_mailbox upstream sessions");
+            return Err(Failure::MailboxBusy);
+        };
         let key = self.ctx.shared.tokens.key_for(&account.identity, &account.username);
         let user = P::upstream_user(&account);
         let mut retried = false;
@@ -377,7 +415,7 @@ impl<P: ProxyProtocol> Session<'_, P> {
             match P::login(&self.ctx.upstream, caps, user, token.expose(), request.client_name.as_deref()).await {
                 Ok(authenticated) => {
                     info!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "logged in: plain login accepted locally, XOAUTH2 accepted upstream");
-                    return Ok(authenticated);
+                    return Ok((authenticated, place));
                 }
                 Err(LoginError::Rejected(reason)) if !retried => {
                     warn!(%reason, "upstream refused the access token; retrying once with a fresh token");

@@ -259,9 +259,13 @@ fn load_or_create_key(path: &Path, rng: &SystemRandom) -> Result<Secret<Vec<u8>>
     }
 }
 
-/// Writes `data` to `path` so that readers see the old or the new content,
-/// never a mix, and a crash leaves one of them on disk.
+/// Writes `data` to `path` (mode 0600) so that readers see the old or the
+/// new content, never a mix, and a crash leaves one of them on disk.
 pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    write_atomically_with_mode(path, data, 0o600)
+}
+
+pub fn write_atomically_with_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut suffix = [0u8; 6];
     let _ = SystemRandom::new().fill(&mut suffix);
@@ -271,7 +275,9 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StoreError> {
         suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()
     ));
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io(&tmp))?;
+        // The umask may have narrowed `mode`; a public certificate should stay readable.
+        file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
         file.write_all(data).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io(path))?;

@@ -46,6 +46,9 @@ pub struct Options {
     /// Point `upstream_ca_file` at a CA that did not sign the upstreams.
     pub untrusted_upstream: bool,
     pub shutdown_timeout: &'static str,
+    /// Changes to the loaded config before the proxy starts (for what a
+    /// config file cannot express in a test, such as a non-loopback bind).
+    pub tweak: Option<fn(&mut Config)>,
 }
 
 impl Default for Options {
@@ -61,6 +64,7 @@ impl Default for Options {
             upstream_override: HashMap::new(),
             untrusted_upstream: false,
             shutdown_timeout: "5s",
+            tweak: None,
         }
     }
 }
@@ -68,6 +72,8 @@ impl Default for Options {
 pub struct Harness {
     pub pki: TestPki,
     pub other_pki: TestPki,
+    /// The certificate local clients see (`{local_cert}`, `{local_key}`).
+    pub local_pki: TestPki,
     pub token: TokenServer,
     pub imap: FakeUpstream,
     pub pop3: FakeUpstream,
@@ -88,6 +94,7 @@ impl Harness {
     pub async fn with(options: Options) -> Self {
         let pki = TestPki::generate();
         let other_pki = TestPki::generate();
+        let local_pki = TestPki::generate();
         let token = TokenServer::start().await;
         let imap = FakeUpstream::start(options.imap.clone(), &pki, token.validator()).await;
         let pop3 = FakeUpstream::start(options.pop3.clone(), &pki, token.validator()).await;
@@ -100,8 +107,12 @@ impl Harness {
             testkit::UpstreamTls::Starttls => "starttls",
         };
         let dir = tempfile::tempdir().unwrap();
-        let fill = |line: &String| line.replace("{dir}", &dir.path().display().to_string());
-        let extra: String = options.listener_extra.iter().map(|l| format!("    {l}\n")).collect();
+        let fill = |line: &String| {
+            line.replace("{dir}", &dir.path().display().to_string())
+                .replace("{local_cert}", &local_pki.cert_path().display().to_string())
+                .replace("{local_key}", &local_pki.key_path().display().to_string())
+        };
+        let extra: String = options.listener_extra.iter().map(|l| format!("    {}\n", fill(l))).collect();
         let identity_extra: String =
             options.identity_auth.iter().chain(&options.identity_extra).map(|l| format!("    {}\n", fill(l))).collect();
         let top_extra: String = options.top_extra.iter().map(|l| format!("{}\n", fill(l))).collect();
@@ -160,7 +171,10 @@ log: {{ level: debug }}
         std::fs::write(&path, &config_text).unwrap();
         let env: HashMap<String, String> =
             [("TEST_CLIENT_SECRET".to_string(), testkit::token::CLIENT_SECRET.to_string())].into_iter().collect();
-        let config = Config::load_with_env(&path, &env).unwrap_or_else(|e| panic!("{e}\n{config_text}"));
+        let mut config = Config::load_with_env(&path, &env).unwrap_or_else(|e| panic!("{e}\n{config_text}"));
+        if let Some(tweak) = options.tweak {
+            tweak(&mut config);
+        }
         let proxy = Proxy::bind(&config).await.unwrap();
         let addrs = proxy.local_addrs().into_iter().collect();
         let shutdown = CancellationToken::new();
@@ -169,6 +183,7 @@ log: {{ level: debug }}
         Harness {
             pki,
             other_pki,
+            local_pki,
             token,
             imap,
             pop3,
@@ -213,6 +228,12 @@ log: {{ level: debug }}
         TestClient::new(TcpStream::connect(self.addr(listener)).await.unwrap())
     }
 
+    /// A TLS connection (implicit TLS) trusting the local certificate.
+    pub async fn connect_tls(&self, listener: &str) -> TestClient<TlsStream> {
+        let tcp = TcpStream::connect(self.addr(listener)).await.unwrap();
+        TestClient::new(tls_handshake(&self.local_pki, tcp).await.expect("TLS handshake"))
+    }
+
     /// Starts the graceful shutdown and returns the proxy task.
     pub fn shutdown(&mut self) -> JoinHandle<()> {
         self.shutdown.cancel();
@@ -233,17 +254,25 @@ impl Drop for Harness {
 pub struct TestClient<S> {
     pub stream: S,
     buf: Vec<u8>,
+    /// How long one read may take before the test fails.
+    step: Duration,
 }
 
 pub const STEP: Duration = Duration::from_secs(10);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TestClient<S> {
     pub fn new(stream: S) -> Self {
-        TestClient { stream, buf: Vec::new() }
+        TestClient { stream, buf: Vec::new(), step: STEP }
+    }
+
+    /// Waits up to `step` per read (for tests that expect long silences).
+    pub fn patience(mut self, step: Duration) -> Self {
+        self.step = step;
+        self
     }
 
     pub async fn send(&mut self, data: impl AsRef<[u8]>) {
-        tokio::time::timeout(STEP, self.stream.write_all(data.as_ref())).await.expect("write timed out").unwrap();
+        tokio::time::timeout(self.step, self.stream.write_all(data.as_ref())).await.expect("write timed out").unwrap();
     }
 
     /// The next line without its CRLF; panics on EOF or a stall.
@@ -260,8 +289,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TestClient<S> {
                 return Some(line);
             }
             self.buf.reserve(65536);
-            let n =
-                tokio::time::timeout(STEP, self.stream.read_buf(&mut self.buf)).await.expect("read timed out").ok()?;
+            let n = tokio::time::timeout(self.step, self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("read timed out")
+                .ok()?;
             if n == 0 {
                 return None;
             }
@@ -293,7 +324,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TestClient<S> {
         let take = self.buf.len().min(n);
         out.extend(self.buf.drain(..take));
         let mut rest = vec![0u8; n - out.len()];
-        tokio::time::timeout(STEP * 6, self.stream.read_exact(&mut rest)).await.expect("read timed out").unwrap();
+        tokio::time::timeout(self.step * 6, self.stream.read_exact(&mut rest)).await.expect("read timed out").unwrap();
         out.extend_from_slice(&rest);
         out
     }
@@ -302,11 +333,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TestClient<S> {
     pub async fn closed(&mut self) -> bool {
         loop {
             self.buf.reserve(4096);
-            match tokio::time::timeout(STEP, self.stream.read_buf(&mut self.buf)).await.expect("peer did not close") {
+            match tokio::time::timeout(self.step, self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("peer did not close")
+            {
                 Ok(0) | Err(_) => return true,
                 Ok(_) => {}
             }
         }
+    }
+}
+
+pub type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+pub async fn tls_handshake(trusted: &TestPki, tcp: TcpStream) -> std::io::Result<TlsStream> {
+    let connector = tokio_rustls::TlsConnector::from(trusted.client_config());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(STEP, connector.connect(name, tcp)).await.expect("TLS handshake timed out")
+}
+
+impl TestClient<TcpStream> {
+    /// After the server's go-ahead for STARTTLS: nothing may be buffered
+    /// (the server sent nothing more), then the handshake.
+    pub async fn starttls(self, trusted: &TestPki) -> TestClient<TlsStream> {
+        assert!(self.buf.is_empty(), "bytes after the STARTTLS go-ahead: {:?}", String::from_utf8_lossy(&self.buf));
+        TestClient::new(tls_handshake(trusted, self.stream).await.expect("TLS handshake"))
     }
 }
 

@@ -1,0 +1,248 @@
+//! Admission control: connection caps per listener and per client address,
+//! upstream sessions per mailbox, and growing delays after failed logins.
+
+use crate::config::LoginThrottle;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Counts held by guards; a guard gives its unit back when dropped.
+#[derive(Debug)]
+struct Counter<K: Hash + Eq> {
+    counts: Mutex<HashMap<K, usize>>,
+}
+
+impl<K: Hash + Eq + Clone> Counter<K> {
+    fn new() -> Self {
+        Counter { counts: Mutex::new(HashMap::new()) }
+    }
+
+    fn try_take(&self, key: &K, max: usize) -> bool {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn give_back(&self, key: &K) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(key);
+            }
+        }
+    }
+
+    fn get(&self, key: &K) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
+    }
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    ListenerFull,
+    AddressFull,
+}
+
+/// Open connections on one listener, in total and per client address.
+#[derive(Debug)]
+pub struct ConnectionLimiter {
+    max: usize,
+    per_ip: usize,
+    counts: Arc<Counter<Option<IpAddr>>>,
+}
+
+/// Holds one connection's place until dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    ip: IpAddr,
+    counts: Arc<Counter<Option<IpAddr>>>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.counts.give_back(&Some(self.ip));
+        self.counts.give_back(&None);
+    }
+}
+
+impl ConnectionLimiter {
+    pub fn new(max: usize, per_ip: usize) -> Self {
+        ConnectionLimiter { max, per_ip, counts: Arc::new(Counter::new()) }
+    }
+
+    pub fn try_admit(&self, ip: IpAddr) -> Result<ConnectionGuard, Refusal> {
+        if !self.counts.try_take(&None, self.max) {
+            return Err(Refusal::ListenerFull);
+        }
+        if !self.counts.try_take(&Some(ip), self.per_ip) {
+            self.counts.give_back(&None);
+            return Err(Refusal::AddressFull);
+        }
+        Ok(ConnectionGuard { ip, counts: self.counts.clone() })
+    }
+
+    pub fn open(&self) -> usize {
+        self.counts.get(&None)
+    }
+}
+
+/// Upstream sessions per mailbox, across listeners: Exchange throttles a
+/// mailbox with too many concurrent connections.
+#[derive(Debug)]
+pub struct MailboxLimiter {
+    max: usize,
+    counts: Arc<Counter<String>>,
+}
+
+#[derive(Debug)]
+pub struct MailboxGuard {
+    mailbox: String,
+    counts: Arc<Counter<String>>,
+}
+
+impl Drop for MailboxGuard {
+    fn drop(&mut self) {
+        self.counts.give_back(&self.mailbox);
+    }
+}
+
+impl MailboxLimiter {
+    pub fn new(max: usize) -> Self {
+        MailboxLimiter { max, counts: Arc::new(Counter::new()) }
+    }
+
+    pub fn try_acquire(&self, mailbox: &str) -> Option<MailboxGuard> {
+        let mailbox = mailbox.to_lowercase();
+        self.counts.try_take(&mailbox, self.max).then(|| MailboxGuard { mailbox, counts: self.counts.clone() })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    failures: u32,
+    last: Instant,
+}
+
+/// Bounds memory against a spray of usernames or addresses.
+const MAX_RECORDS: usize = 50_000;
+
+/// Failed logins per client address and per username, and the delay the
+/// next failure earns: none for the first few, then doubling up to a cap.
+#[derive(Debug)]
+pub struct LoginThrottler {
+    config: LoginThrottle,
+    by_ip: Mutex<HashMap<IpAddr, Record>>,
+    by_user: Mutex<HashMap<String, Record>>,
+}
+
+impl LoginThrottler {
+    pub fn new(config: LoginThrottle) -> Self {
+        LoginThrottler { config, by_ip: Mutex::new(HashMap::new()), by_user: Mutex::new(HashMap::new()) }
+    }
+
+    fn bump<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> u32 {
+        let now = Instant::now();
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_RECORDS {
+            let forget = self.config.forget_after;
+            map.retain(|_, r| now.duration_since(r.last) < forget);
+            if map.len() >= MAX_RECORDS {
+                map.clear();
+            }
+        }
+        let record = map.entry(key.clone()).or_insert(Record { failures: 0, last: now });
+        if now.duration_since(record.last) >= self.config.forget_after {
+            record.failures = 0;
+        }
+        record.failures += 1;
+        record.last = now;
+        record.failures
+    }
+
+    /// Records a failed login and returns how long to wait before answering.
+    pub fn failed(&self, ip: IpAddr, username: &str) -> Duration {
+        let by_ip = self.bump(&self.by_ip, &ip);
+        let by_user = self.bump(&self.by_user, &username.to_lowercase());
+        self.delay_for(by_ip.max(by_user))
+    }
+
+    fn delay_for(&self, failures: u32) -> Duration {
+        if failures <= self.config.free_failures {
+            return Duration::ZERO;
+        }
+        let doublings = (failures - self.config.free_failures - 1).min(16);
+        self.config.initial_delay.saturating_mul(1 << doublings).min(self.config.max_delay)
+    }
+
+    /// A successful login clears the username's record (not the address's:
+    /// one good password must not let an address keep guessing others).
+    pub fn succeeded(&self, username: &str) {
+        self.by_user.lock().unwrap_or_else(|e| e.into_inner()).remove(&username.to_lowercase());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_caps_total_and_per_address() {
+        let limiter = ConnectionLimiter::new(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let g1 = limiter.try_admit(a).unwrap();
+        let _g2 = limiter.try_admit(a).unwrap();
+        assert_eq!(limiter.try_admit(a).unwrap_err(), Refusal::AddressFull);
+        let _g3 = limiter.try_admit(b).unwrap();
+        assert_eq!(limiter.try_admit(b).unwrap_err(), Refusal::ListenerFull);
+        assert_eq!(limiter.open(), 3);
+        drop(g1);
+        assert_eq!(limiter.open(), 2);
+        let _g4 = limiter.try_admit(b).unwrap();
+    }
+
+    #[test]
+    fn mailbox_cap_ignores_case() {
+        let limiter = MailboxLimiter::new(2);
+        let g1 = limiter.try_acquire("Scanner@Contoso.com").unwrap();
+        let _g2 = limiter.try_acquire("scanner@contoso.com").unwrap();
+        assert!(limiter.try_acquire("SCANNER@contoso.com").is_none());
+        assert!(limiter.try_acquire("other@contoso.com").is_some());
+        drop(g1);
+        assert!(limiter.try_acquire("scanner@contoso.com").is_some());
+    }
+
+    fn throttler() -> LoginThrottler {
+        LoginThrottler::new(LoginThrottle {
+            free_failures: 3,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(8),
+            forget_after: Duration::from_secs(900),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delays_grow_per_address_and_per_username_then_are_forgotten() {
+        let t = throttler();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let delays: Vec<u64> = (0..8).map(|_| t.failed(ip, "printer").as_secs()).collect();
+        assert_eq!(delays, [0, 0, 0, 1, 2, 4, 8, 8]);
+        // Another address trying the same username is slowed too...
+        assert_eq!(t.failed("192.0.2.2".parse().unwrap(), "PRINTER"), Duration::from_secs(8));
+        // ...and the same address trying other usernames.
+        assert_eq!(t.failed(ip, "someone-else"), Duration::from_secs(8));
+        t.succeeded("printer");
+        assert_eq!(t.failed("192.0.2.3".parse().unwrap(), "printer"), Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(901)).await;
+        assert_eq!(t.failed(ip, "fresh"), Duration::ZERO);
+    }
+}
