@@ -31,6 +31,11 @@ fn the_example_config_parses_with_its_documented_defaults() {
     );
     assert_eq!(smtp.limits.idle_timeout.as_secs(), 1800);
     assert_eq!(smtp.limits.max_line_length, 8192);
+    assert_eq!((smtp.limits.max_connections, smtp.limits.max_connections_per_ip), (1000, 50));
+    assert!(smtp.allow_from.is_empty());
+    assert_eq!(config.max_sessions_per_mailbox, 10);
+    assert_eq!(config.login_throttle.free_failures, 3);
+    assert_eq!(config.login_throttle.max_delay.as_secs(), 30);
     let imap = &config.listeners[1];
     assert_eq!((imap.protocol, imap.upstream_tls), (Protocol::Imap, UpstreamTls::Implicit));
     assert_eq!(imap.limits.preauth_timeout.as_secs(), 60);
