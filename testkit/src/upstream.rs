@@ -240,6 +240,8 @@ impl Shared {
 
 async fn connection(shared: Arc<Shared>, tcp: TcpStream) {
     shared.connections.fetch_add(1, Ordering::SeqCst);
+    // Small request/response lines: without this, Nagle and delayed ACKs add 40 ms per exchange.
+    let _ = tcp.set_nodelay(true);
     match shared.opts.tls {
         UpstreamTls::Implicit => {
             let Ok(tls) = shared.acceptor.accept(tcp).await else { return };
