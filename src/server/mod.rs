@@ -139,8 +139,7 @@ impl Proxy {
     /// Starts obtaining tokens for every delegated account, so their refresh
     /// tokens stay in use even when no client logs in for months.
     pub fn warm_up_delegated(&self, config: &Config) {
-        let Some((_, ctx)) = self.listeners.first() else { return };
-        let tokens = &ctx.shared.tokens;
+        let tokens = &self.shared.tokens;
         let keys = config
             .accounts
             .iter()
