@@ -361,4 +361,9 @@ async fn check_online_reports_each_identity_with_the_parsed_entra_error() {
             && stdout.contains("client_secret is wrong"),
         "{stdout}"
     );
+    // Answers are bounded: a 1 MiB "token" is refused, not buffered.
+    h.token.set_fault(Some(Fault::Oversized(1024 * 1024)));
+    let out = h.output(&["check", "--online"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("response larger than 262144 bytes"), "{stdout}");
 }

@@ -37,6 +37,8 @@ pub enum Fault {
     Error { status: u16, error: String, description: String, code: u32 },
     /// Close the connection without answering.
     Hangup,
+    /// Answer 200 with a body of this many bytes (a JSON string of padding).
+    Oversized(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -252,6 +254,10 @@ async fn handle(state: Arc<State>, request: Request) -> Option<Response> {
             return Some(entra_error(status, &error, code, &description))
         }
         Some(Fault::Hangup) => return None,
+        Some(Fault::Oversized(len)) => {
+            let body = format!("{{\"access_token\":\"{}\"}}", "x".repeat(len));
+            return Some(Response { status: 200, body: body.into_bytes(), content_type: "application/json" });
+        }
         None => {}
     }
     let form = request.form();
