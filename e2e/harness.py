@@ -1,0 +1,377 @@
+"""What the e2e scenarios share: the run's environment, the mock's control API, the SMTP
+sink's store, test messages, the stock Python mail clients pointed at the proxy, curl,
+and the table of answers a client must see when a login fails.
+"""
+
+import base64
+import hashlib
+import imaplib
+import json
+import poplib
+import re
+import secrets
+import smtplib
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import world
+from world import IDENTITIES, Account
+
+TIMEOUT = 20  # seconds for any single client operation: a hang is a failure, not a wait
+
+
+class Failed(Exception):
+    """A scenario's expectation did not hold; the message says which."""
+
+
+def check(condition, message: str) -> None:
+    if not condition:
+        raise Failed(message)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Polls `predicate` until it returns something truthy, and returns that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise Failed(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---- the run ---------------------------------------------------------------------
+
+@dataclass
+class Env:
+    """env.json, written by `world.py configure` for this run."""
+
+    work: Path
+    host: str
+    ports: dict
+    ca_file: str
+    sink_dir: Path
+    dovecot_config: str
+    logs: dict
+
+    @classmethod
+    def load(cls, path: str) -> "Env":
+        raw = json.loads(Path(path).read_text())
+        return cls(work=Path(raw["work"]), host=raw["host"], ports=raw["ports"], ca_file=raw["ca_file"],
+                   sink_dir=Path(raw["sink_dir"]), dovecot_config=raw["dovecot_config"], logs=raw["logs"])
+
+    def proxy_port(self, protocol: str, kind: str = "") -> int:
+        """A listener of the proxy, of one of world.LISTENER_KINDS."""
+        return self.ports[world.proxy_port_name(kind, protocol)]
+
+    def tls(self) -> ssl.SSLContext:
+        """Trusts the run's CA: for talking to Dovecot directly."""
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+class Mock:
+    """The mock Entra's control API and direct token requests."""
+
+    def __init__(self, env: Env):
+        self.base = f"http://{env.host}:{env.ports['mock']}"
+        # Loopback only: an http_proxy in the environment must not carry these requests.
+        self.http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _call(self, path: str, body: dict | None = None, form: dict | None = None) -> dict:
+        data, headers = None, {}
+        if body is not None:
+            data, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+        elif form is not None:
+            data = urllib.parse.urlencode(form).encode()
+        request = urllib.request.Request(self.base + path, data=data, headers=headers)
+        try:
+            with self.http.open(request, timeout=TIMEOUT) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as e:  # OAuth errors come back as 4xx with a JSON body
+            return {"http_status": e.code, **json.loads(e.read() or b"{}")}
+
+    def stats(self) -> dict:
+        return self._call("/_control/stats")
+
+    def issued_tokens(self) -> list[str]:
+        issued = self._call("/_control/tokens")
+        return issued["access_tokens"] + issued["refresh_tokens"]
+
+    def token_requests(self, identity: str) -> int:
+        return self.stats()["token_requests"].get(IDENTITIES[identity].client_id, 0)
+
+    def counter(self, table: str, identity: str, key: str) -> int:
+        """stats[table][client][key], e.g. ("introspections", "revoke", "inactive")."""
+        return self.stats()[table].get(IDENTITIES[identity].client_id, {}).get(key, 0)
+
+    def fault(self, identity: str, mode: str, delay: float = 5) -> None:
+        self._call("/_control/fault", {"client_id": IDENTITIES[identity].client_id, "mode": mode, "delay": delay})
+
+    def revoke(self, identity: str) -> int:
+        return self._call("/_control/revoke", {"client_id": IDENTITIES[identity].client_id})["revoked"]
+
+    def device(self, user_code: str, action: str, user: str | None = None) -> dict:
+        return self._call("/_control/device", {"user_code": user_code, "action": action, "user": user})
+
+    def oauth(self, endpoint: str, form: dict) -> dict:
+        """POSTs to the tenant's /oauth2/v2.0/{endpoint} as a client would."""
+        return self._call(f"/{world.TENANT}/oauth2/v2.0/{endpoint}", form=form)
+
+    def app_token(self, identity: str) -> str:
+        """A client-credentials token, fetched directly (not through the proxy)."""
+        i = IDENTITIES[identity]
+        answer = self.oauth("token", {"grant_type": "client_credentials", "client_id": i.client_id,
+                                      "client_secret": i.secret,
+                                      "scope": "https://outlook.office365.com/.default"})
+        check("access_token" in answer, f"mock refused a client_credentials token: {answer}")
+        return answer["access_token"]
+
+
+class Sink:
+    """Messages the SMTP sink stored, looked up by their X-E2E-Id header."""
+
+    def __init__(self, env: Env):
+        self.dir = env.sink_dir
+
+    def _index(self) -> dict:
+        path = self.dir / "index.jsonl"
+        if not path.exists():
+            return {}
+        entries = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        return {e["e2e_id"]: e for e in entries if e["e2e_id"]}
+
+    def wait_for(self, ids: list[str], timeout: float = 30) -> dict:
+        """Waits until every id has arrived; returns {id: index entry}."""
+        def arrived():
+            index = self._index()
+            return {i: index[i] for i in ids} if all(i in index for i in ids) else None
+        return wait_until(arrived, timeout, f"{len(ids)} message(s) at the SMTP sink", interval=0.2)
+
+    def body(self, entry: dict) -> bytes:
+        return (self.dir / entry["file"]).read_bytes()
+
+
+# ---- messages --------------------------------------------------------------------
+
+RECEIVED = re.compile(rb"\AReceived:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+def without_received(data: bytes) -> bytes:
+    """Dovecot's submission service prepends exactly one (folded) Received: header."""
+    match = RECEIVED.match(data)
+    check(match, "the relayed message does not start with Dovecot's Received: header")
+    return data[match.end():]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+def message(e2e_id: str, size: int = 0, *, eightbit: bool = False, sender: str = "alice@example.test") -> bytes:
+    """A CRLF message with the awkward parts a relay could damage: lines that start with
+    a dot (SMTP dot-stuffing, POP3 byte-stuffing), a lone dot, trailing whitespace, a
+    long line and, if asked, 8-bit UTF-8. `size` pads the body with base64 lines, like
+    an attachment, to about that many bytes."""
+    body = [b"Hello from the xoauth2-proxy e2e suite.", b".a line that starts with a dot", b".",
+            b"..two dots", b"trailing whitespace \t ", b"x" * 900, b""]
+    if eightbit:
+        body.insert(1, "8-bit: Grüße, naïve café, 日本語".encode())
+    filler = base64.b64encode(secrets.token_bytes(max(0, size) * 3 // 4))
+    body += [filler[i:i + 76] for i in range(0, len(filler), 76)]
+    headers = [f"From: <{sender}>", "To: <rcpt@example.net>", f"Subject: e2e {e2e_id}",
+               f"Message-ID: <{e2e_id}@e2e.example.test>", "Date: Sun, 01 Jan 2023 00:00:00 +0000",
+               f"X-E2E-Id: {e2e_id}", "MIME-Version: 1.0",
+               f"Content-Type: text/plain; charset={'utf-8' if eightbit else 'us-ascii'}",
+               f"Content-Transfer-Encoding: {'8bit' if eightbit else '7bit'}"]
+    return b"\r\n".join([h.encode() for h in headers] + [b""] + body) + b"\r\n"
+
+
+# ---- clients through the proxy ---------------------------------------------------
+
+class Clients:
+    """Python's stock mail clients and curl, pointed at the proxy's listeners."""
+
+    def __init__(self, env: Env, kind: str = ""):
+        self.env, self.kind = env, kind  # kind: which of world.LISTENER_KINDS
+
+    def imap(self) -> imaplib.IMAP4:
+        return imaplib.IMAP4(self.env.host, self.env.proxy_port("imap", self.kind), timeout=TIMEOUT)
+
+    def pop3(self) -> poplib.POP3:
+        return poplib.POP3(self.env.host, self.env.proxy_port("pop3", self.kind), timeout=TIMEOUT)
+
+    def smtp(self) -> smtplib.SMTP:
+        return smtplib.SMTP(self.env.host, self.env.proxy_port("smtp", self.kind), timeout=TIMEOUT)
+
+    def imap_login(self, account: Account) -> imaplib.IMAP4:
+        client = self.imap()
+        client.login(account.username, account.password)
+        return client
+
+    def append(self, account: Account, data: bytes) -> int:
+        """APPENDs to INBOX in a session of its own; returns the message's UID."""
+        client = self.imap_login(account)
+        try:
+            return imap_append(client, data)
+        finally:
+            client.logout()
+
+    def pop3_empty(self, account: Account) -> None:
+        """Deletes every message in the account's maildrop, through the proxy."""
+        client = self.pop3()
+        client.user(account.username)
+        client.pass_(account.password)
+        for number in range(1, client.stat()[0] + 1):
+            client.dele(number)
+        client.quit()
+
+    def curl(self, protocol: str, account: Account, path: str = "", *args: str,
+             mechanism: str | None = None) -> tuple[bytes, str]:
+        """Runs curl against the proxy; returns (stdout, the verbose transcript).
+        `mechanism` becomes --login-options AUTH=..., None leaves curl's default."""
+        command = ["curl", "--silent", "--show-error", "--verbose", "--max-time", str(TIMEOUT), "--noproxy", "*",
+                   f"{protocol}://{self.env.host}:{self.env.proxy_port(protocol, self.kind)}/{path}",
+                   "--user", f"{account.username}:{account.password}", *args]
+        if mechanism:
+            command += ["--login-options", f"AUTH={mechanism}"]
+        result = subprocess.run(command, capture_output=True, timeout=TIMEOUT + 10)
+        transcript = result.stderr.decode("utf-8", "replace")
+        check(result.returncode == 0, f"curl exited with {result.returncode}: {tail(transcript, 6)}")
+        return result.stdout, transcript
+
+
+def imap_append(client: imaplib.IMAP4, data: bytes) -> int:
+    """APPENDs to INBOX; returns the UID from the answer's [APPENDUID validity uid]."""
+    typ, answer = client.append("INBOX", None, None, data)
+    check(typ == "OK", f"APPEND: {typ} {answer}")
+    match = re.search(rb"\[APPENDUID \d+ (\d+)\]", answer[0])
+    check(match, f"APPEND answer has no APPENDUID: {answer}")
+    return int(match.group(1))
+
+
+def tail(text: str, lines: int) -> str:
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def curl_auth_command(transcript: str) -> str:
+    """The authentication command curl sent, from its --verbose transcript."""
+    # IMAP lines carry curl's tag (A001...); POP3 and SMTP lines do not.
+    match = re.search(r"^> (?:A\d+ )?(AUTHENTICATE \S+|AUTH \S+|LOGIN|USER)", transcript, re.MULTILINE)
+    check(match, "curl's transcript shows no authentication command")
+    return match.group(1)
+
+
+# ---- what a client sees when a login fails ---------------------------------------
+
+ANSWERS = {
+    "auth-failed": {"smtp": r"^535 5\.7\.8\b", "imap": r"^NO \[AUTHENTICATIONFAILED\]", "pop3": r"^-ERR \[AUTH\]"},
+    "temporary": {"smtp": r"^454 4\.7\.0\b", "imap": r"^NO \[UNAVAILABLE\]", "pop3": r"^-ERR \[SYS/TEMP\]"},
+    "unavailable": {"smtp": r"^421 4\.4\.2\b", "imap": r"^\* BYE \[UNAVAILABLE\]", "pop3": r"^-ERR \[SYS/TEMP\]"},
+}
+
+
+def text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class Attempt:
+    """One login through the proxy with a stock client, reduced to the server's answer
+    line ("OK" on success): "535 5.7.8 ...", "NO [UNAVAILABLE] ...", "-ERR [AUTH] ...".
+    `at` says whether the answer came as the greeting or to the login."""
+
+    def __init__(self, clients: Clients):
+        self.clients = clients
+
+    def run(self, protocol: str, username: str, password: str) -> tuple[str, str]:
+        return getattr(self, protocol)(username, password)
+
+    def smtp(self, username: str, password: str) -> tuple[str, str]:
+        try:
+            client = self.clients.smtp()
+        except smtplib.SMTPConnectError as e:
+            return "greeting", f"{e.smtp_code} {text(e.smtp_error)}"
+        try:
+            client.ehlo()
+            client.user, client.password = username, password
+            client.auth("PLAIN", client.auth_plain)
+            client.quit()
+            return "login", "OK"
+        except smtplib.SMTPAuthenticationError as e:
+            return "login", f"{e.smtp_code} {text(e.smtp_error)}"
+        except smtplib.SMTPServerDisconnected as e:
+            return "login", f"disconnected without an answer ({e})"
+        finally:
+            client.close()
+
+    def imap(self, username: str, password: str) -> tuple[str, str]:
+        try:
+            client = self.clients.imap()
+        except imaplib.IMAP4.error as e:  # the greeting was not OK: it is the error
+            return "greeting", text(e.args[0])
+        try:
+            # imaplib's login() keeps only the text of a NO; the status matters here.
+            typ, data = client._simple_command("LOGIN", username, client._quote(password))
+        except imaplib.IMAP4.abort as e:  # an untagged BYE (imaplib keeps it) or a hang-up
+            client.shutdown()
+            bye = client.untagged_responses.get("BYE")
+            return "login", f"* BYE {text(bye[-1])}" if bye else f"aborted: {e}"
+        if typ != "OK":
+            client.shutdown()
+            return "login", f"{typ} {text(data[-1])}"
+        client.logout()
+        return "login", "OK"
+
+    def pop3(self, username: str, password: str) -> tuple[str, str]:
+        try:
+            client = self.clients.pop3()
+        except poplib.error_proto as e:
+            return "greeting", text(e.args[0])
+        try:
+            client.user(username)
+            client.pass_(password)
+            client.quit()
+            return "login", "OK"
+        except poplib.error_proto as e:
+            return "login", text(e.args[0])
+        finally:
+            client.close()
+
+    def expect(self, protocol: str, kind: str, username: str, password: str) -> str:
+        """Logs in and checks the answer is the DESIGN.md row `kind` ("ok" for a
+        success); returns it. Only "unavailable" may come as the greeting."""
+        at, answer = self.run(protocol, username, password)
+        if kind == "ok":
+            check(answer == "OK", f"{protocol} login as {username} failed at the {at}: {answer}")
+            return answer
+        pattern = ANSWERS[kind][protocol]
+        check(re.match(pattern, answer), f"{protocol} {at}: expected {pattern!r}, got {answer!r}")
+        check(kind == "unavailable" or at == "login", f"{protocol}: the greeting already failed: {answer!r}")
+        return answer
+
+
+# ---- logs --------------------------------------------------------------------------
+
+class Logs:
+    """The run's log files, read from a remembered offset: what happened since then."""
+
+    def __init__(self, env: Env):
+        self.paths = {name: Path(path) for name, path in env.logs.items()}
+
+    def marks(self) -> dict:
+        return {name: path.stat().st_size if path.exists() else 0 for name, path in self.paths.items()}
+
+    def since(self, marks: dict, name: str) -> str:
+        with open(self.paths[name], "rb") as f:
+            f.seek(marks.get(name, 0))
+            return f.read().decode("utf-8", "replace")

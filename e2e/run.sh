@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The end-to-end suite: real mail clients -> xoauth2-proxy -> a private Dovecot that only
+# accepts XOAUTH2 (tokens checked against a mock Entra ID), relaying submissions to an
+# SMTP sink. Everything runs on loopback, on free ports, in a fresh temporary directory,
+# and is started and stopped by this script.
+#
+#   bash e2e/run.sh                   every scenario
+#   bash e2e/run.sh 'imap-*' ...      only the scenarios matching these globs
+#   python3 e2e/scenarios.py --list   the scenario names
+#
+# Environment: E2E_PROXY_BIN=path   use this binary instead of `cargo build --release`
+#              E2E_KEEP=1           keep the work directory (configs, logs, mail) afterwards
+#              E2E_DEBUG=1          debug logging in Dovecot and the proxy
+set -euo pipefail
+
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$E2E_DIR")
+readonly E2E_DIR REPO_DIR
+readonly PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-submissiond openssl curl python3)
+
+# The scenarios import world.py and harness.py: leave no __pycache__ in the source tree.
+export PYTHONDONTWRITEBYTECODE=1
+
+PIDS=()     # everything this script started, in start order
+WORK=""
+STARTED_AT=$SECONDS
+
+say() { printf '[e2e] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+install_missing_packages() {
+  local missing=() pkg
+  for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$pkg")
+  done
+  ((${#missing[@]} == 0)) && return
+  ((EUID == 0)) || die "missing packages (${missing[*]}): run as root, or install them first"
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  # Debian's postinst would start the system-wide Dovecot where an init system runs;
+  # that instance is not ours and does not matter: ours has its own ports and base_dir.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+build_proxy() {
+  if [[ -n ${E2E_PROXY_BIN:-} ]]; then
+    PROXY_BIN=$E2E_PROXY_BIN
+  else
+    say "building the proxy (cargo build --release)"
+    cargo build --release --quiet --manifest-path "$REPO_DIR/Cargo.toml"
+    PROXY_BIN=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/xoauth2-proxy
+  fi
+  [[ -x $PROXY_BIN ]] || die "no proxy binary at $PROXY_BIN"
+}
+
+# A CA and a server certificate for 127.0.0.1, made for this run only. The proxy trusts
+# the CA through upstream_ca_file; nothing else on the machine does. The certificate
+# deliberately does not name "localhost" (see the upstream-tls-fails scenarios).
+make_pki() {
+  local dir=$WORK/pki
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj '/CN=xoauth2-proxy e2e CA' -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" \
+    -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign' 2>/dev/null
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -subj '/CN=localhost' -keyout "$dir/server-key.pem" -out "$dir/server.csr" 2>/dev/null
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
+    -days 2 -out "$dir/server.pem" -extfile <(printf '%s\n' \
+      'subjectAltName=IP:127.0.0.1' 'basicConstraints=critical,CA:FALSE' \
+      'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth') 2>/dev/null
+}
+
+# start NAME LOG COMMAND...: runs COMMAND in the background, its output appended to LOG.
+start() {
+  local name=$1 log=$2
+  shift 2
+  "$@" >>"$log" 2>&1 &
+  PIDS+=("$!")
+  say "started $name (pid $!)"
+}
+
+# wait_for_port PORT NAME PID LOG: until something accepts on 127.0.0.1:PORT, as long
+# as PID lives (and at most 30 s); otherwise show LOG's end and give up.
+wait_for_port() {
+  local port=$1 name=$2 pid=$3 log=$4 deadline=$((SECONDS + 30))
+  until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null || ((SECONDS >= deadline)); then
+      tail -n 30 "$log" >&2
+      die "$name is not listening on port $port"
+    fi
+    sleep 0.1
+  done
+}
+
+# stop_pid PID: TERM, then KILL after 10 s. Only ever called on PIDs from `start`.
+stop_pid() {
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  say "pid $pid ignored SIGTERM; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local status=$? i
+  trap - EXIT
+  # Newest first: the proxy goes before Dovecot, Dovecot before the mock it calls.
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    stop_pid "${PIDS[i]}"
+  done
+  wait 2>/dev/null || true
+  if [[ -n $WORK ]]; then
+    if ((status == 0)) && [[ -z ${E2E_KEEP:-} ]]; then
+      rm -rf "$WORK"
+    else
+      say "configs and logs kept in $WORK"
+    fi
+  fi
+  say "finished in $((SECONDS - STARTED_AT)) s"
+  exit "$status"
+}
+
+start_services() {
+  local logs=$WORK/logs
+  start mock-entra "$logs/mock.log" python3 -u "$E2E_DIR/mock_entra.py" --config "$WORK/mock.json" --port "$PORT_MOCK"
+  wait_for_port "$PORT_MOCK" mock-entra "${PIDS[-1]}" "$logs/mock.log"
+  start smtp-sink "$logs/sink.log" python3 -u "$E2E_DIR/smtp_sink.py" --port "$PORT_SINK" --dir "$WORK/sink"
+  wait_for_port "$PORT_SINK" smtp-sink "${PIDS[-1]}" "$logs/sink.log"
+
+  local dovecot_conf=$WORK/dovecot/dovecot.conf port
+  doveconf -c "$dovecot_conf" -n >/dev/null || die "Dovecot rejects $dovecot_conf"
+  start dovecot "$logs/dovecot.log" dovecot -F -c "$dovecot_conf"
+  for port in "$PORT_IMAPS" "$PORT_POP3S" "$PORT_SUBMISSION"; do
+    wait_for_port "$port" dovecot "${PIDS[-1]}" "$logs/dovecot.log"
+  done
+
+  "$PROXY_BIN" check -c "$WORK/proxy.yaml" >/dev/null || die "the proxy rejects $WORK/proxy.yaml"
+  start xoauth2-proxy "$logs/proxy.log" "$PROXY_BIN" run -c "$WORK/proxy.yaml"
+  for port in "$PORT_PROXY_IMAP" "$PORT_PROXY_POP3" "$PORT_PROXY_SMTP"; do
+    wait_for_port "$port" xoauth2-proxy "${PIDS[-1]}" "$logs/proxy.log"
+  done
+}
+
+main() {
+  install_missing_packages
+  build_proxy
+  WORK=$(mktemp -d -t xoauth2-proxy-e2e.XXXXXX)
+  trap cleanup EXIT
+  trap 'exit 130' INT TERM
+  # Dovecot's unprivileged processes (dovenull, dovecot, and nobody for the mail) must
+  # be able to reach their files below the otherwise private temporary directory.
+  chmod 755 "$WORK"
+  mkdir -p "$WORK/logs" "$WORK/mail" "$WORK/sink"
+  chown nobody:nogroup "$WORK/mail"
+  make_pki
+  python3 "$E2E_DIR/world.py" configure "$WORK" "$PROXY_BIN"
+  # shellcheck source=/dev/null
+  source "$WORK/ports.env"
+  start_services
+  say "environment ready after $((SECONDS - STARTED_AT)) s; running scenarios"
+  python3 "$E2E_DIR/scenarios.py" --env "$WORK/env.json" "$@"
+}
+
+main "$@"
