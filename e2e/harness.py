@@ -60,12 +60,21 @@ class Env:
     sink_dir: Path
     dovecot_config: str
     logs: dict
+    proxy_bin: str
+    proxy_config: str
+    token_store: Path
 
     @classmethod
     def load(cls, path: str) -> "Env":
         raw = json.loads(Path(path).read_text())
         return cls(work=Path(raw["work"]), host=raw["host"], ports=raw["ports"], ca_file=raw["ca_file"],
-                   sink_dir=Path(raw["sink_dir"]), dovecot_config=raw["dovecot_config"], logs=raw["logs"])
+                   sink_dir=Path(raw["sink_dir"]), dovecot_config=raw["dovecot_config"], logs=raw["logs"],
+                   proxy_bin=raw["proxy_bin"], proxy_config=raw["proxy_config"],
+                   token_store=Path(raw["token_store"]))
+
+    def proxy_command(self, *args: str) -> list[str]:
+        """The proxy binary with this run's config, for `login` and `token`."""
+        return [self.proxy_bin, *args, "-c", self.proxy_config]
 
     def proxy_port(self, protocol: str, kind: str = "") -> int:
         """A listener of the proxy, of one of world.LISTENER_KINDS."""

@@ -108,6 +108,7 @@ class Stats:
     introspections: dict = field(default_factory=dict)  # client_id -> {"active", "inactive", "failed"}
     grants: dict = field(default_factory=dict)  # client_id -> {"allowed", "denied", "mailboxes": {mailbox: n}}
     policy: dict = field(default_factory=lambda: {"allowed": 0, "refused": 0, "reports": 0})
+    refreshes: dict = field(default_factory=dict)  # client_id -> {user: redeemed, "refused": n}
 
     def bump(self, table: dict, client_id: str, key: str | None = None):
         if key is None:
@@ -227,9 +228,11 @@ class Entra:
                 client_id = self._client(form, secret_required=False)
                 owner = self.refresh_tokens.pop(form.get("refresh_token", ""), None)
                 if owner is None or owner[0] != client_id:
+                    self.stats.bump(self.stats.refreshes, client_id, "refused")
                     raise OAuthError(400, "invalid_grant", 70008,
                                      "The provided authorization code or refresh token has expired due to "
                                      "inactivity or was already redeemed.")
+                self.stats.bump(self.stats.refreshes, client_id, owner[1])
                 return self._token_answer(client_id, owner[1], form.get("scope", ""))
             if grant == DEVICE_CODE_GRANT:
                 client_id = self._client(form, secret_required=False)
@@ -387,6 +390,7 @@ class Entra:
             return json.loads(json.dumps({
                 "token_requests": s.token_requests, "token_times": s.token_times,
                 "introspections": s.introspections, "grants": s.grants, "policy": s.policy,
+                "refreshes": s.refreshes,
             }))
 
 

@@ -26,8 +26,8 @@ HOST = "127.0.0.1"
 TENANT = "7d3b1c9e-5a2f-4e8b-9c1d-e2e0e2e0e2e0"
 DOMAIN = "example.test"
 DOVECOT_CLIENT_ID = "dovecot-passdb"
-# Delegated (device code + refresh token) flows: not used by the proxy yet, kept
-# working in the mock and checked by the mock-* scenarios.
+# The public client of the delegated (device code + refresh token) flows: the proxy's
+# "delegated" identity, and the mock-* self-checks.
 DELEGATED_CLIENT_ID = "e2e-delegated"
 
 
@@ -41,10 +41,15 @@ class Identity:
     token_timeout: str = "10s"
     reachable: bool = True  # False: the authority is a port nobody listens on
     permitted: bool = True  # False: the app has no permission on its mailboxes
+    flow: str = "client_credentials"  # or refresh_token: a public client, signed in with `login`
+
+    @property
+    def delegated(self) -> bool:
+        return self.flow == "refresh_token"
 
     @property
     def client_id(self) -> str:
-        return f"e2e-{self.name}"
+        return DELEGATED_CLIENT_ID if self.delegated else f"e2e-{self.name}"
 
     @property
     def secret(self) -> str:
@@ -84,6 +89,8 @@ IDENTITIES = {i.name: i for i in [
     Identity("margin", lifetime=60, min_token_lifetime="10s"),
     Identity("burst"),
     Identity("never"),
+    # Delegated: 30 s tokens, so the scenario sees refresh tokens rotate a few times.
+    Identity("delegated", lifetime=30, min_token_lifetime="5s", flow="refresh_token"),
 ]}
 
 ACCOUNTS = {a.username: a for a in [
@@ -102,6 +109,7 @@ ACCOUNTS = {a.username: a for a in [
     Account("margin", "margin"),
     Account("burst", "burst"),
     Account("never", "never"),
+    Account("delegate", "delegated"),
 ]}
 
 PROTOCOLS = {"imap": ("imaps", "implicit"), "pop3": ("pop3s", "implicit"), "smtp": ("submission", "starttls")}
@@ -147,17 +155,20 @@ def hash_password(proxy_bin: str, password: str) -> str:
 def mock_config(dovecot_secret: str) -> dict:
     clients = {}
     for identity in IDENTITIES.values():
+        if identity.delegated:
+            continue
         mailboxes = [] if not identity.permitted else [
             mailbox for a in ACCOUNTS.values() if a.identity == identity.name
             for mailbox in (a.mailbox, a.smtp_user) if mailbox]
         clients[identity.client_id] = {"secret": identity.secret, "lifetime": identity.lifetime,
                                        "mailboxes": mailboxes}
-    clients[DELEGATED_CLIENT_ID] = {"public": True, "lifetime": 3600, "device_interval": 1}
+    clients[DELEGATED_CLIENT_ID] = {"public": True, "lifetime": IDENTITIES["delegated"].lifetime,
+                                    "device_interval": 1}
     return {"tenant": TENANT, "domain": DOMAIN, "clients": clients,
             "dovecot_client": {"id": DOVECOT_CLIENT_ID, "secret": dovecot_secret}}
 
 
-def proxy_config(ports: dict, ca_file: Path, proxy_bin: str, debug: bool) -> str:
+def proxy_config(ports: dict, ca_file: Path, store: Path, proxy_bin: str, debug: bool) -> str:
     lines = ["# xoauth2-proxy configuration for one e2e run, written by e2e/world.py.", "listeners:"]
     for kind, upstream_host in LISTENER_KINDS.items():
         for protocol, (upstream, tls) in PROTOCOLS.items():
@@ -174,9 +185,11 @@ def proxy_config(ports: dict, ca_file: Path, proxy_bin: str, debug: bool) -> str
                   f"    authority: http://{HOST}:{port}",
                   f"    tenant: {TENANT}",
                   f"    client_id: {identity.client_id}",
-                  f"    client_secret: {yaml_str(identity.secret)}",
+                  f"    flow: {identity.flow}",
                   f"    min_token_lifetime: {identity.min_token_lifetime}",
                   f"    token_timeout: {identity.token_timeout}"]
+        if not identity.delegated:
+            lines.append(f"    client_secret: {yaml_str(identity.secret)}")
     lines.append("accounts:")
     for account in ACCOUNTS.values():
         lines.append(f"  - username: {account.username}")
@@ -187,7 +200,10 @@ def proxy_config(ports: dict, ca_file: Path, proxy_bin: str, debug: bool) -> str
         lines += [f"    mailbox: {account.mailbox}", f"    identity: {account.identity}"]
         if account.smtp_user:
             lines.append(f"    smtp_user: {account.smtp_user}")
-    lines += ["log:", f"  level: {'debug' if debug else 'info'}", "  format: text", "shutdown_timeout: 2s", ""]
+    lines += ["token_store:", f"  path: {yaml_str(str(store))}",
+              # token-single-flight makes 20 sessions for one mailbox at once.
+              "max_sessions_per_mailbox: 100",
+              "log:", f"  level: {'debug' if debug else 'info'}", "  format: text", "shutdown_timeout: 2s", ""]
     return "\n".join(lines)
 
 
@@ -211,9 +227,10 @@ def configure(work: Path, proxy_bin: str, debug: bool) -> None:
     for template in ["dovecot.conf", "oauth2-introspect.conf.ext", "oauth2-grant.conf.ext"]:
         (dovecot_dir / template).write_text(render(template, values))
     (work / "mock.json").write_text(json.dumps(mock_config(dovecot_secret), indent=2))
-    (work / "proxy.yaml").write_text(proxy_config(ports, work / "pki" / "ca.pem", proxy_bin, debug))
+    (work / "proxy.yaml").write_text(proxy_config(ports, work / "pki" / "ca.pem", work / "store", proxy_bin, debug))
     env = {
         "work": str(work), "host": HOST, "ports": ports,
+        "proxy_bin": proxy_bin, "proxy_config": str(work / "proxy.yaml"), "token_store": str(work / "store"),
         "ca_file": str(work / "pki" / "ca.pem"),
         "sink_dir": str(work / "sink"),
         "dovecot_config": str(dovecot_dir / "dovecot.conf"),

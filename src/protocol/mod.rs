@@ -143,6 +143,23 @@ impl FailureCount {
     }
 }
 
+/// A SASL challenge line: `prefix` (`+ ` or `334 `), then the base64 challenge.
+pub(crate) fn sasl_challenge(prefix: &[u8], challenge: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(crate::sasl::encode_base64(challenge).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The reply for a SASL exchange that went wrong.
+pub(crate) fn sasl_failure(e: crate::sasl::SaslError) -> Failure {
+    use crate::sasl::SaslError;
+    match e {
+        SaslError::Cancelled => Failure::SaslCancelled,
+        SaslError::BadBase64 | SaslError::Malformed(_) => Failure::SaslMalformed,
+        SaslError::AuthzidMismatch => Failure::AuthFailed,
+    }
+}
+
 /// Splits `VERB rest` at the first space; the verb is upper-cased.
 pub(crate) fn split_verb(line: &[u8]) -> (Vec<u8>, &[u8]) {
     match line.iter().position(|&b| b == b' ') {

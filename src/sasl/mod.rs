@@ -45,6 +45,9 @@ pub enum SaslError {
     BadBase64,
     #[error("malformed SASL response: {0}")]
     Malformed(&'static str),
+    /// PLAIN asked to act as another user: an authorization refusal, not a syntax error.
+    #[error("the authorization identity differs from the username")]
+    AuthzidMismatch,
 }
 
 /// Standard alphabet; padding optional because some clients omit it.

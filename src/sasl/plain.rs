@@ -19,7 +19,7 @@ pub fn decode(message: &[u8]) -> Result<Credentials, SaslError> {
     }
     let username = username_from_bytes(authcid)?;
     if !authzid.is_empty() && authzid != authcid {
-        return Err(SaslError::Malformed("authorization identity differs from username"));
+        return Err(SaslError::AuthzidMismatch);
     }
     Ok(Credentials { username, password: Secret::new(password.to_vec()) })
 }
@@ -41,19 +41,11 @@ mod tests {
             assert_eq!(c.username, *user);
             assert_eq!(c.password.expose(), pass);
         }
-        let bad: &[&[u8]] = &[
-            b"",
-            b"\0",
-            b"\0\0",
-            b"\0tim\0",
-            b"\0\0pw",
-            b"tim",
-            b"\0tim\0pw\0extra",
-            b"other\0tim\0pw",
-            b"\0\xff\xfe\0pw",
-        ];
+        let bad: &[&[u8]] =
+            &[b"", b"\0", b"\0\0", b"\0tim\0", b"\0\0pw", b"tim", b"\0tim\0pw\0extra", b"\0\xff\xfe\0pw"];
         for input in bad {
-            assert!(decode(input).is_err(), "{input:?} must be rejected");
+            assert!(matches!(decode(input), Err(SaslError::Malformed(_))), "{input:?} must be rejected");
         }
+        assert_eq!(decode(b"other\0tim\0pw").unwrap_err(), SaslError::AuthzidMismatch);
     }
 }

@@ -30,16 +30,17 @@ impl IdentityEntry {
         self.min_lifetime.min(token.lifetime() / 2)
     }
 
-    /// While the endpoint fails, a token is still handed out above this floor.
+    /// While the endpoint fails, a token is handed out until it is this close
+    /// to expiry: a valid token is better than no login (DESIGN.md).
     fn floor(token: &AccessToken) -> Duration {
-        Duration::from_secs(60).min(token.lifetime() / 4)
+        Duration::from_secs(5).min(token.lifetime() / 10)
     }
 
     /// When the background refresh should replace `token`: a little before it
     /// reaches the threshold, so no client ever waits for a request; but not
     /// before half its life, so very short-lived tokens cannot cause a storm.
     fn refresh_at(&self, token: &AccessToken) -> Instant {
-        let lead = (token.lifetime() / 10).max(Duration::from_secs(1));
+        let lead = (token.lifetime() / 20).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let issued = token.expires_at().checked_sub(token.lifetime()).unwrap_or_else(Instant::now);
         let early = token.expires_at().checked_sub(self.threshold(token) + lead).unwrap_or(issued);
         early.max(issued + token.lifetime() / 2)
@@ -380,14 +381,14 @@ mod tests {
         let (m, source) = manager(Duration::from_secs(3600), Duration::ZERO, false);
         let key = TokenKey::app("contoso");
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-1");
-        // Refresh is due 600s (threshold) + 360s (lead) before expiry.
-        tokio::time::sleep(Duration::from_secs(3600 - 961)).await;
+        // Refresh is due 600s (threshold) + 60s (lead) before expiry.
+        tokio::time::sleep(Duration::from_secs(3600 - 661)).await;
         assert_eq!(calls(&source), 1);
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(calls(&source), 2);
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-2");
         // And it keeps going, one request per cycle.
-        tokio::time::sleep(Duration::from_secs(3 * 2640)).await;
+        tokio::time::sleep(Duration::from_secs(3 * 2940)).await;
         assert_eq!(calls(&source), 5);
     }
 
@@ -417,15 +418,15 @@ mod tests {
         let key = TokenKey::app("contoso");
         m.get(&key).await.unwrap();
         source.down.store(true, Ordering::SeqCst);
-        // Past the refresh point and past the threshold: still served while above the floor.
-        tokio::time::sleep(Duration::from_secs(3600 - 300)).await;
+        // Past the refresh point and past the threshold: still served while valid.
+        tokio::time::sleep(Duration::from_secs(3600 - 10)).await;
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-1");
         let failed_so_far = calls(&source);
         assert!(failed_so_far >= 3, "the background refresh retried with backoff ({failed_so_far})");
-        // Backoff is bounded: at most one attempt per 48s (60s - 20%).
-        assert!(failed_so_far <= 2 + (2640 - 961) / 48 + 60, "{failed_so_far}");
-        // Below the floor, the failure reaches the caller.
-        tokio::time::sleep(Duration::from_secs(250)).await;
+        // Backoff is bounded: from 2940s to 3590s, at most one attempt per 48s (60s - 20%) after the ramp.
+        assert!(failed_so_far <= 1 + 5 + 650 / 48 + 1, "{failed_so_far}");
+        // Within 5 s of expiry, the failure reaches the caller.
+        tokio::time::sleep(Duration::from_secs(6)).await;
         assert!(matches!(m.get(&key).await, Err(TokenError::Unreachable(_))));
         // The endpoint recovers: within one backoff period a token is back.
         source.down.store(false, Ordering::SeqCst);

@@ -52,7 +52,9 @@ impl EntraError {
             Some(70011) => "invalid scope: check the identity's scope",
             Some(53003) => "blocked by a Conditional Access policy",
             _ => match self.error.as_str() {
-                "invalid_grant" => "the grant is no longer valid: run `xoauth2-proxy login` for this account again",
+                "invalid_grant" => {
+                    "the grant is no longer valid (for a delegated identity: run `xoauth2-proxy login` for the account again)"
+                }
                 "invalid_client" => "client authentication failed: check client_id and the secret or certificate",
                 "unauthorized_client" => "the app is not allowed to use this grant type: check the app registration",
                 _ => return None,

@@ -5,8 +5,8 @@ use super::command::{Command, Received, Receiver};
 use super::{postauth_capabilities, preauth_capabilities};
 use crate::protocol::line::LineError;
 use crate::protocol::reply::{self, Failure};
-use crate::protocol::{FailureCount, LoginRequest, Next, PreAuth, SessionOptions};
-use crate::sasl::{encode_base64, Credentials, SaslError, ServerExchange, Step};
+use crate::protocol::{sasl_challenge, sasl_failure, FailureCount, LoginRequest, Next, PreAuth, SessionOptions};
+use crate::sasl::{Credentials, ServerExchange, Step};
 use bytes::BytesMut;
 use std::sync::Arc;
 
@@ -99,7 +99,7 @@ impl ImapServer {
                 };
                 match ServerExchange::start(mechanism, initial.as_ref().map(|i| i.expose().as_slice())) {
                     Ok((exchange, Step::Challenge(challenge))) => {
-                        continuation(out, challenge);
+                        sasl_challenge(b"+ ", challenge, out);
                         self.state = State::Sasl { tag, exchange };
                     }
                     Ok((_, Step::Done(credentials))) => return Some(self.login(tag, credentials)),
@@ -108,19 +108,6 @@ impl ImapServer {
             }
         }
         None
-    }
-}
-
-fn continuation(out: &mut Vec<u8>, challenge: &[u8]) {
-    out.extend_from_slice(b"+ ");
-    out.extend_from_slice(encode_base64(challenge).as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn sasl_failure(e: SaslError) -> Failure {
-    match e {
-        SaslError::Cancelled => Failure::SaslCancelled,
-        SaslError::BadBase64 | SaslError::Malformed(_) => Failure::SaslMalformed,
     }
 }
 
@@ -163,7 +150,7 @@ impl PreAuth for ImapServer {
                         }
                     };
                     match exchange.respond(&line) {
-                        Ok(Step::Challenge(challenge)) => continuation(out, challenge),
+                        Ok(Step::Challenge(challenge)) => sasl_challenge(b"+ ", challenge, out),
                         Ok(Step::Done(credentials)) => {
                             let tag = std::mem::take(tag);
                             return self.login(tag, credentials);
@@ -287,6 +274,12 @@ mod tests {
             (
                 b"a AUTHENTICATE XOAUTH2 abc\r\n",
                 "a NO [CANNOT] Unsupported authentication mechanism\r\n",
+                Outcome::Read,
+            ),
+            // "bob" asking to act as "alice": refused as an authentication, not as syntax.
+            (
+                b"a AUTHENTICATE PLAIN YWxpY2UAYm9iAHB3\r\n",
+                "a NO [AUTHENTICATIONFAILED] Authentication failed\r\n",
                 Outcome::Read,
             ),
             (

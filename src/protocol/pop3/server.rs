@@ -4,8 +4,10 @@ use super::client::Pop3Success;
 use super::preauth_capabilities;
 use crate::protocol::line::{LineError, LineFramer};
 use crate::protocol::reply::{self, Failure};
-use crate::protocol::{split_verb, FailureCount, LoginRequest, Next, PreAuth, SessionOptions};
-use crate::sasl::{encode_base64, Credentials, Mechanism, SaslError, ServerExchange, Step};
+use crate::protocol::{
+    sasl_challenge, sasl_failure, split_verb, FailureCount, LoginRequest, Next, PreAuth, SessionOptions,
+};
+use crate::sasl::{Credentials, Mechanism, ServerExchange, Step};
 use crate::secret::Secret;
 use bytes::BytesMut;
 use std::sync::Arc;
@@ -100,7 +102,7 @@ impl Pop3Server {
                 };
                 match ServerExchange::start(mechanism, initial) {
                     Ok((exchange, Step::Challenge(challenge))) => {
-                        continuation(out, challenge);
+                        sasl_challenge(b"+ ", challenge, out);
                         self.state = State::Sasl { exchange };
                     }
                     Ok((_, Step::Done(credentials))) => return Some(self.login(credentials)),
@@ -135,19 +137,6 @@ impl Pop3Server {
     }
 }
 
-fn continuation(out: &mut Vec<u8>, challenge: &[u8]) {
-    out.extend_from_slice(b"+ ");
-    out.extend_from_slice(encode_base64(challenge).as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn sasl_failure(e: SaslError) -> Failure {
-    match e {
-        SaslError::Cancelled => Failure::SaslCancelled,
-        SaslError::BadBase64 | SaslError::Malformed(_) => Failure::SaslMalformed,
-    }
-}
-
 impl PreAuth for Pop3Server {
     type Success = Pop3Success;
 
@@ -171,7 +160,7 @@ impl PreAuth for Pop3Server {
             };
             match &mut self.state {
                 State::Sasl { exchange } => match exchange.respond(&line) {
-                    Ok(Step::Challenge(challenge)) => continuation(out, challenge),
+                    Ok(Step::Challenge(challenge)) => sasl_challenge(b"+ ", challenge, out),
                     Ok(Step::Done(credentials)) => return self.login(credentials),
                     Err(e) => {
                         out.extend_from_slice(reply::pop3(sasl_failure(e)));

@@ -4,8 +4,10 @@ use super::client::SmtpSuccess;
 use super::preauth_capabilities;
 use crate::protocol::line::{LineError, LineFramer};
 use crate::protocol::reply::{self, Failure};
-use crate::protocol::{split_verb, FailureCount, LoginRequest, Next, PreAuth, SessionOptions};
-use crate::sasl::{encode_base64, Credentials, Mechanism, SaslError, ServerExchange, Step};
+use crate::protocol::{
+    sasl_challenge, sasl_failure, split_verb, FailureCount, LoginRequest, Next, PreAuth, SessionOptions,
+};
+use crate::sasl::{Credentials, Mechanism, ServerExchange, Step};
 use bytes::BytesMut;
 use std::sync::Arc;
 
@@ -89,7 +91,7 @@ impl SmtpServer {
                 };
                 match ServerExchange::start(mechanism, initial) {
                     Ok((exchange, Step::Challenge(challenge))) => {
-                        challenge_line(out, challenge);
+                        sasl_challenge(b"334 ", challenge, out);
                         self.state = State::Sasl { exchange };
                     }
                     Ok((_, Step::Done(credentials))) => return Some(self.login(credentials)),
@@ -131,19 +133,6 @@ fn valid_client_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
-fn challenge_line(out: &mut Vec<u8>, challenge: &[u8]) {
-    out.extend_from_slice(b"334 ");
-    out.extend_from_slice(encode_base64(challenge).as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn sasl_failure(e: SaslError) -> Failure {
-    match e {
-        SaslError::Cancelled => Failure::SaslCancelled,
-        SaslError::BadBase64 | SaslError::Malformed(_) => Failure::SaslMalformed,
-    }
-}
-
 impl PreAuth for SmtpServer {
     type Success = SmtpSuccess;
 
@@ -167,7 +156,7 @@ impl PreAuth for SmtpServer {
             };
             match &mut self.state {
                 State::Sasl { exchange } => match exchange.respond(&line) {
-                    Ok(Step::Challenge(challenge)) => challenge_line(out, challenge),
+                    Ok(Step::Challenge(challenge)) => sasl_challenge(b"334 ", challenge, out),
                     Ok(Step::Done(credentials)) => return self.login(credentials),
                     Err(e) => {
                         out.extend_from_slice(reply::smtp(sasl_failure(e)));
