@@ -90,3 +90,37 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
         .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/certs").join(name)
+    }
+
+    #[test]
+    fn server_keys_load_in_pkcs8_pkcs1_and_sec1() {
+        install_default_provider();
+        for (cert, key, kind) in [
+            ("rsa-2048-cert.pem", "rsa-2048-pkcs8.pem", "PKCS#8"),
+            ("rsa-2048-cert.pem", "rsa-2048-pkcs1.pem", "PKCS#1"),
+            ("ec-p256-cert.pem", "ec-p256-sec1.pem", "SEC1"),
+        ] {
+            server_config(&fixture(cert), &fixture(key)).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        }
+    }
+
+    #[test]
+    fn unusable_files_are_explained() {
+        let err = server_config(&fixture("rsa-2048-pkcs8.pem"), &fixture("rsa-2048-pkcs8.pem")).unwrap_err();
+        assert!(err.to_string().contains("no certificate found"), "{err}");
+        let err = server_config(&fixture("rsa-2048-cert.pem"), &fixture("rsa-2048-cert.pem")).unwrap_err();
+        assert!(err.to_string().contains("no private key found"), "{err}");
+        // A key that does not belong to the certificate.
+        let err = server_config(&fixture("rsa-2048-cert.pem"), &fixture("ec-p256-sec1.pem")).unwrap_err();
+        assert!(!err.to_string().is_empty());
+        let err = load_certificates(Path::new("/nonexistent/cert.pem")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+    }
+}
