@@ -288,12 +288,20 @@ impl TokenManager {
     /// Obtains tokens for `keys` now, in the background, so their refresh
     /// starts without waiting for a client (delegated accounts: this keeps
     /// refresh tokens in use, so they do not expire for inactivity).
+    ///
+    /// The refresh keeps trying even when the first attempt fails, so an
+    /// account that is signed in with `login` while the proxy runs is picked
+    /// up within a minute, without waiting for a client.
     pub fn warm_up(&self, keys: Vec<TokenKey>) {
         for key in keys {
             let manager = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = manager.get(&key).await {
                     tracing::warn!(token.key = %key, error = %e, "no access token at start");
+                }
+                if let Some(entry) = manager.inner.identities.get(&*key.identity).cloned() {
+                    let slot = manager.slot(&key);
+                    manager.start_refresher(&key, &slot, &entry);
                 }
             });
         }
@@ -460,6 +468,23 @@ mod tests {
         assert!(delays[0] >= Duration::from_secs(4) && delays[0] <= Duration::from_secs(6));
         assert!(delays[2] >= Duration::from_secs(16) && delays[2] <= Duration::from_secs(24));
         assert!(delays[7] <= Duration::from_secs(72));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warm_up_keeps_trying_until_the_source_works() {
+        let (m, source) = manager(Duration::from_secs(3600), Duration::ZERO, true);
+        source.down.store(true, Ordering::SeqCst);
+        let key = m.key_for("contoso", "alice");
+        m.warm_up(vec![key.clone()]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(calls(&source), 1);
+        // Nobody logs in; the account becomes usable (someone ran `login`).
+        source.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(MAX_BACKOFF + MAX_BACKOFF / 5).await;
+        let before = calls(&source);
+        assert!(before >= 2);
+        assert!(m.get(&key).await.unwrap().expose().starts_with("token-"));
+        assert_eq!(calls(&source), before, "the background refresh had a token ready");
     }
 
     #[tokio::test(start_paused = true)]
