@@ -249,7 +249,7 @@ async fn sighup_reloads_certificate_and_accounts_without_dropping_sessions() {
     std::fs::copy(fresh.cert_path(), &cert).unwrap();
     std::fs::copy(fresh.key_path(), &key).unwrap();
     std::fs::write(&config_path, config.replace("password: app-pass", "password: new-pass")).unwrap();
-    std::process::Command::new("kill").args(["-HUP", &child.id().unwrap().to_string()]).status().unwrap();
+    send_signal(child.id().unwrap(), "HUP");
     wait_for_line(&mut log, "SIGHUP: reloaded").await;
 
     assert!(connect(&h.local_pki).await.is_err(), "the old certificate is still served");

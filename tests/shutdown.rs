@@ -87,8 +87,7 @@ async fn sigterm_stops_the_binary() {
     };
     let mut c = TestClient::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
     c.expect("220 ").await;
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    send_signal(child.id(), "TERM");
     c.expect("421 4.3.2").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let exit = loop {

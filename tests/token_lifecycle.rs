@@ -177,7 +177,7 @@ async fn device_code_login_denied_or_cancelled_leaves_the_store_untouched() {
     let child = tokio::process::Command::from(login).spawn().unwrap();
     let polls = h.token.device_polls();
     until("the first poll", || h.token.device_polls() > polls).await;
-    std::process::Command::new("kill").args(["-INT", &child.id().unwrap().to_string()]).status().unwrap();
+    send_signal(child.id().unwrap(), "INT");
     let out = child.wait_with_output().await.unwrap();
     assert_eq!(out.status.code(), Some(130));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the token store was not changed"));

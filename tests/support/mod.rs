@@ -361,6 +361,13 @@ impl TestClient<TcpStream> {
     }
 }
 
+/// Sends `signal` (TERM, INT, HUP) to a process with bash's builtin `kill`, so
+/// tests need nothing beyond the shell CI already runs.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("bash").args(["-c", &format!("kill -{signal} {pid}")]).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
 pub fn b64(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
