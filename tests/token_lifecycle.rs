@@ -49,14 +49,6 @@ fn seed(h: &Harness, account: &str, access: Option<(&str, i64)>) -> String {
     rt
 }
 
-async fn pop3_login(h: &Harness, user: &str, pass: &str) -> String {
-    let mut c = h.connect("pop3").await;
-    c.expect("+OK").await;
-    c.send(format!("USER {user}\r\nPASS {pass}\r\n")).await;
-    c.expect("+OK").await;
-    c.line().await
-}
-
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !done() {
@@ -92,7 +84,7 @@ async fn certificate_credentials_send_a_verified_client_assertion() {
         );
         let h = Harness::with(Options { identity_auth: vec![auth], ..Options::default() }).await;
         h.token.register_certificate(&cert, &key);
-        assert!(pop3_login(&h, "app", APP_PASSWORD).await.starts_with("+OK"), "{algorithm}");
+        assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"), "{algorithm}");
         let form = &h.token.forms()[0];
         assert_eq!(form["client_assertion_type"], "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
         assert!(!form.contains_key("client_secret"));
@@ -122,10 +114,10 @@ async fn refresh_tokens_rotate_and_the_newest_is_always_the_one_stored() {
     let h = Harness::with(delegated(&[])).await;
     h.token.set_lifetime(Duration::from_secs(3));
     seed(&h, "printer", None);
-    assert!(pop3_login(&h, "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+    assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     // The background refresh runs about every 1.5s for 3s tokens.
     until("three refreshes", || h.token.grants("refresh_token") >= 3).await;
-    assert!(pop3_login(&h, "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+    assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     // Every refresh presented the newest token: the strict fake refused none.
     assert_eq!(h.token.refused_refreshes(), 0);
     let live = h.token.live_refresh_tokens();
@@ -156,7 +148,7 @@ async fn device_code_login_stores_a_refresh_token_the_proxy_then_uses() {
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     // The proxy picks it up without a restart, and reuses the access token
     // the login obtained instead of refreshing.
-    assert!(pop3_login(&h, "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+    assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     assert_eq!(h.token.grants("refresh_token"), 0);
 }
 
@@ -267,7 +259,7 @@ async fn invalid_grant_means_reauthorisation_not_a_temporary_failure() {
 
     // An admin runs `login` again (here: a new token in the store): no restart needed.
     seed(&h, "printer", None);
-    assert!(pop3_login(&h, "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+    assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
 }
 
 #[tokio::test]
@@ -312,14 +304,14 @@ async fn a_store_written_with_another_key_is_a_temporary_failure_and_is_kept() {
 #[tokio::test]
 async fn a_cached_token_survives_an_endpoint_outage_but_not_its_expiry() {
     let h = Harness::start().await;
-    assert!(pop3_login(&h, "app", APP_PASSWORD).await.starts_with("+OK"));
+    assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"));
     h.token.set_fault(Some(Fault::Status(503)));
-    assert!(pop3_login(&h, "app", APP_PASSWORD).await.starts_with("+OK"));
+    assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"));
     assert_eq!(h.token.issued().len(), 1);
 
     let h = Harness::start().await;
     h.token.set_lifetime(Duration::from_secs(2));
-    assert!(pop3_login(&h, "app", APP_PASSWORD).await.starts_with("+OK"));
+    assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"));
     h.token.set_fault(Some(Fault::Status(503)));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let mut smtp = h.connect("smtp").await;

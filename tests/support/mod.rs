@@ -228,6 +228,15 @@ log: {{ level: debug }}
         TestClient::new(TcpStream::connect(self.addr(listener)).await.unwrap())
     }
 
+    /// A POP3 USER/PASS login; returns the answer to PASS.
+    pub async fn pop3_login_line(&self, user: &str, pass: &str) -> String {
+        let mut c = self.connect("pop3").await;
+        c.expect("+OK").await;
+        c.send(format!("USER {user}\r\nPASS {pass}\r\n")).await;
+        c.expect("+OK").await;
+        c.line().await
+    }
+
     /// A TLS connection (implicit TLS) trusting the local certificate.
     pub async fn connect_tls(&self, listener: &str) -> TestClient<TlsStream> {
         let tcp = TcpStream::connect(self.addr(listener)).await.unwrap();
