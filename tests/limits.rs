@@ -87,16 +87,9 @@ async fn upstream_sessions_are_capped_per_mailbox() {
     // The cap is per mailbox, across listeners: IMAP for the same mailbox is refused too.
     let mut c = pop3_session(&h).await;
     c.expect("-ERR [IN-USE]").await;
-    let mut imap = h.connect("imap").await;
-    imap.expect("* OK").await;
-    imap.send(format!("t LOGIN app {APP_PASSWORD}\r\n")).await;
-    imap.expect("t NO [INUSE]").await;
+    assert!(h.login_answer("imap", "app", APP_PASSWORD).await.starts_with("a NO [INUSE]"));
     // Another mailbox is not affected.
-    let mut other = h.connect("pop3").await;
-    other.expect("+OK").await;
-    other.send(format!("USER printer\r\nPASS {PRINTER_PASSWORD}\r\n")).await;
-    other.expect("+OK").await;
-    other.expect("+OK").await;
+    assert!(h.login_answer("pop3", "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     assert_eq!(h.pop3.logins().iter().filter(|u| *u == SHARED_MAILBOX).count(), 2);
     // A session that ends gives its place back.
     a.send("QUIT\r\n").await;

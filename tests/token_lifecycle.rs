@@ -84,7 +84,7 @@ async fn certificate_credentials_send_a_verified_client_assertion() {
         );
         let h = Harness::with(Options { identity_auth: vec![auth], ..Options::default() }).await;
         h.token.register_certificate(&cert, &key);
-        assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"), "{algorithm}");
+        assert!(h.login_answer("pop3", "app", APP_PASSWORD).await.starts_with("+OK"), "{algorithm}");
         let form = &h.token.forms()[0];
         assert_eq!(form["client_assertion_type"], "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
         assert!(!form.contains_key("client_secret"));
@@ -114,10 +114,10 @@ async fn refresh_tokens_rotate_and_the_newest_is_always_the_one_stored() {
     let h = Harness::with(delegated(&[])).await;
     h.token.set_lifetime(Duration::from_secs(3));
     seed(&h, "printer", None);
-    assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     // The background refresh runs about every 1.5s for 3s tokens.
     until("three refreshes", || h.token.grants("refresh_token") >= 3).await;
-    assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     // Every refresh presented the newest token: the strict fake refused none.
     assert_eq!(h.token.refused_refreshes(), 0);
     let live = h.token.live_refresh_tokens();
@@ -148,7 +148,7 @@ async fn device_code_login_stores_a_refresh_token_the_proxy_then_uses() {
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     // The proxy picks it up without a restart, and reuses the access token
     // the login obtained instead of refreshing.
-    assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     assert_eq!(h.token.grants("refresh_token"), 0);
 }
 
@@ -237,20 +237,11 @@ async fn invalid_grant_means_reauthorisation_not_a_temporary_failure() {
     seed(&h, "printer", None);
     h.token.revoke_refresh_tokens();
 
-    let mut smtp = h.connect("smtp").await;
-    smtp.expect("220").await;
-    smtp.send(format!("EHLO x\r\nAUTH PLAIN {}\r\n", plain("printer", PRINTER_PASSWORD))).await;
-    smtp.until("250 ").await;
-    smtp.expect("535 5.7.8").await;
-    let mut imap = h.connect("imap").await;
-    imap.expect("* OK").await;
-    imap.send(format!("a LOGIN printer \"{PRINTER_PASSWORD}\"\r\n")).await;
-    imap.expect("a NO [AUTHENTICATIONFAILED]").await;
-    let mut c = h.connect("pop3").await;
-    c.expect("+OK").await;
-    c.send(format!("USER printer\r\nPASS {PRINTER_PASSWORD}\r\n")).await;
-    c.expect("+OK").await;
-    c.expect("-ERR [AUTH]").await;
+    for (listener, answer) in [("smtp", "535 5.7.8"), ("imap", "a NO [AUTHENTICATIONFAILED]"), ("pop3", "-ERR [AUTH]")]
+    {
+        let got = h.login_answer(listener, "printer", PRINTER_PASSWORD).await;
+        assert!(got.starts_with(answer), "{listener}: {got}");
+    }
     // One refused refresh; the others did not hammer the endpoint.
     assert_eq!(h.token.refused_refreshes(), 1);
     let out = h.dir().join("hook.out");
@@ -259,7 +250,7 @@ async fn invalid_grant_means_reauthorisation_not_a_temporary_failure() {
 
     // An admin runs `login` again (here: a new token in the store): no restart needed.
     seed(&h, "printer", None);
-    assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
 }
 
 #[tokio::test]
@@ -304,30 +295,20 @@ async fn a_store_written_with_another_key_is_a_temporary_failure_and_is_kept() {
 #[tokio::test]
 async fn a_cached_token_survives_an_endpoint_outage_but_not_its_expiry() {
     let h = Harness::start().await;
-    assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "app", APP_PASSWORD).await.starts_with("+OK"));
     h.token.set_fault(Some(Fault::Status(503)));
-    assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "app", APP_PASSWORD).await.starts_with("+OK"));
     assert_eq!(h.token.issued().len(), 1);
 
     let h = Harness::start().await;
     h.token.set_lifetime(Duration::from_secs(2));
-    assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "app", APP_PASSWORD).await.starts_with("+OK"));
     h.token.set_fault(Some(Fault::Status(503)));
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut smtp = h.connect("smtp").await;
-    smtp.expect("220").await;
-    smtp.send(format!("EHLO x\r\nAUTH PLAIN {}\r\n", plain("app", APP_PASSWORD))).await;
-    smtp.until("250 ").await;
-    smtp.expect("454 4.7.0").await;
-    let mut imap = h.connect("imap").await;
-    imap.expect("* OK").await;
-    imap.send(format!("a LOGIN app {APP_PASSWORD}\r\n")).await;
-    imap.expect("a NO [UNAVAILABLE]").await;
-    let mut pop = h.connect("pop3").await;
-    pop.expect("+OK").await;
-    pop.send(format!("USER app\r\nPASS {APP_PASSWORD}\r\n")).await;
-    pop.expect("+OK").await;
-    pop.expect("-ERR [SYS/TEMP]").await;
+    for (listener, answer) in [("smtp", "454 4.7.0"), ("imap", "a NO [UNAVAILABLE]"), ("pop3", "-ERR [SYS/TEMP]")] {
+        let got = h.login_answer(listener, "app", APP_PASSWORD).await;
+        assert!(got.starts_with(answer), "{listener}: {got}");
+    }
 }
 
 #[tokio::test]

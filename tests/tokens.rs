@@ -19,7 +19,7 @@ async fn two_hundred_concurrent_logins_make_one_token_request() {
     let logins: Vec<_> = (0..200)
         .map(|_| {
             let h = h.clone();
-            tokio::spawn(async move { h.pop3_login_line("app", APP_PASSWORD).await })
+            tokio::spawn(async move { h.login_answer("pop3", "app", APP_PASSWORD).await })
         })
         .collect();
     for login in logins {
@@ -33,7 +33,7 @@ async fn two_hundred_concurrent_logins_make_one_token_request() {
 async fn a_token_is_reused_across_sessions_and_protocols() {
     let h = Harness::start().await;
     for _ in 0..3 {
-        assert!(h.pop3_login_line("printer", PRINTER_PASSWORD).await.starts_with("+OK"));
+        assert!(h.login_answer("pop3", "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     }
     let mut c = h.connect("imap").await;
     c.expect("* OK").await;
@@ -47,9 +47,9 @@ async fn a_token_is_reused_across_sessions_and_protocols() {
 #[tokio::test]
 async fn a_revoked_token_is_replaced_after_one_upstream_refusal() {
     let h = Harness::start().await;
-    assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "app", APP_PASSWORD).await.starts_with("+OK"));
     h.token.revoke_all();
-    assert!(h.pop3_login_line("app", APP_PASSWORD).await.starts_with("+OK"));
+    assert!(h.login_answer("pop3", "app", APP_PASSWORD).await.starts_with("+OK"));
     assert_eq!(h.token.requests(), 2);
     assert_eq!(h.pop3.auth_attempts(), 3);
     assert_eq!(h.pop3.logins().len(), 2);

@@ -195,6 +195,15 @@ impl<S: Io> Wire<S> {
         }
     }
 
+    /// The initial response if the client sent one, else the line after `prompt`.
+    async fn sasl_response(&mut self, initial: Vec<u8>, prompt: &str) -> Option<Vec<u8>> {
+        if !initial.is_empty() {
+            return Some(initial);
+        }
+        self.send(prompt).await?;
+        self.line().await
+    }
+
     async fn send(&mut self, data: impl AsRef<[u8]>) -> Option<()> {
         self.s.write_all(data.as_ref()).await.ok()?;
         self.s.flush().await.ok()
@@ -332,12 +341,7 @@ async fn imap_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                     w.send(format!("{tag} NO Unsupported mechanism\r\n")).await?;
                     continue;
                 }
-                let response = if initial.is_empty() {
-                    w.send("+ \r\n").await?;
-                    w.line().await?
-                } else {
-                    initial
-                };
+                let response = w.sasl_response(initial, "+ \r\n").await?;
                 match sh.check(&response) {
                     Ok(_) => {
                         w.send(format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE UIDPLUS MOVE AUTH=XOAUTH2] AUTHENTICATE completed.\r\n")).await?;
@@ -452,12 +456,7 @@ async fn smtp_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                     w.send("504 5.7.4 Unrecognized authentication type\r\n").await?;
                     continue;
                 }
-                let response = if initial.is_empty() {
-                    w.send("334 \r\n").await?;
-                    w.line().await?
-                } else {
-                    initial
-                };
+                let response = w.sasl_response(initial, "334 \r\n").await?;
                 match sh.check(&response) {
                     Ok(_) => {
                         w.send("235 2.7.0 Authentication successful\r\n").await?;

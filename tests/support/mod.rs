@@ -228,12 +228,26 @@ log: {{ level: debug }}
         TestClient::new(TcpStream::connect(self.addr(listener)).await.unwrap())
     }
 
-    /// A POP3 USER/PASS login; returns the answer to PASS.
-    pub async fn pop3_login_line(&self, user: &str, pass: &str) -> String {
-        let mut c = self.connect("pop3").await;
-        c.expect("+OK").await;
-        c.send(format!("USER {user}\r\nPASS {pass}\r\n")).await;
-        c.expect("+OK").await;
+    /// One login on a new connection to `listener` (SMTP AUTH PLAIN after
+    /// EHLO, IMAP LOGIN with a quoted password, POP3 USER/PASS); returns the
+    /// answer to the login.
+    pub async fn login_answer(&self, listener: &str, user: &str, pass: &str) -> String {
+        let mut c = self.connect(listener).await;
+        c.line().await;
+        match listener {
+            "smtp" => {
+                c.send(format!("EHLO x\r\nAUTH PLAIN {}\r\n", plain(user, pass))).await;
+                c.until("250 ").await;
+            }
+            "imap" => {
+                let quoted = pass.replace('\\', "\\\\").replace('"', "\\\"");
+                c.send(format!("a LOGIN {user} \"{quoted}\"\r\n")).await;
+            }
+            _ => {
+                c.send(format!("USER {user}\r\nPASS {pass}\r\n")).await;
+                c.expect("+OK").await;
+            }
+        }
         c.line().await
     }
 
