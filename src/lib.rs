@@ -7,12 +7,14 @@
 pub mod accounts;
 pub mod cli;
 pub mod config;
+pub mod fsutil;
 pub mod protocol;
 pub mod sasl;
 pub mod secret;
 pub mod server;
 pub mod splice;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod token;
 pub mod upstream;

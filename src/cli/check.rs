@@ -2,7 +2,7 @@
 //! token for each identity and reach each upstream.
 
 use crate::config::{Config, Flow, LocalTls};
-use crate::server::{build_token_manager, Proxy};
+use crate::server::Proxy;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -63,7 +63,7 @@ async fn check_online(config: &Config) -> bool {
             return false;
         }
     };
-    let tokens = match build_token_manager(config, tls) {
+    let tokens = match crate::token::manager_for(config, tls) {
         Ok(t) => t,
         Err(e) => {
             println!("  FAIL {e}");

@@ -1,7 +1,7 @@
 //! `xoauth2-proxy gen-cert`: a self-signed certificate and key for local
 //! TLS, for sites without a PKI.
 
-use crate::token::store::{write_atomically, write_atomically_with_mode};
+use crate::fsutil::{write_atomically, write_atomically_with_mode};
 use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType};
 use std::path::Path;
 use std::process::ExitCode;

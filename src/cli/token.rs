@@ -2,11 +2,10 @@
 //! imapsync's `--oauthaccesstoken1` and scripts.
 
 use crate::config::{Config, IdentityConfig};
-use crate::token::provider::{self, ReauthNotifier, Source, SourceContext};
-use crate::token::store::{write_atomically, TokenStore};
+use crate::fsutil::write_atomically;
+use crate::token::provider::{self, Source};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub async fn run(config_path: &Path, account: &str, output: Option<&Path>, min_lifetime: Option<Duration>) -> ExitCode {
@@ -28,15 +27,7 @@ pub async fn run(config_path: &Path, account: &str, output: Option<&Path>, min_l
 pub(super) fn source(config: &Config, identity: &IdentityConfig) -> Result<Source, String> {
     crate::tls::install_default_provider();
     let tls = crate::tls::client_config(config.upstream_ca_file.as_deref()).map_err(|e| e.to_string())?;
-    let store = match &config.token_store {
-        Some(s) => Some(Arc::new(TokenStore::open(s).map_err(|e| e.to_string())?)),
-        None => None,
-    };
-    let ctx = SourceContext {
-        tls,
-        store,
-        notifier: Arc::new(ReauthNotifier::new(config.on_reauth_required.clone(), &config.source)),
-    };
+    let ctx = crate::token::context_for(config, tls).map_err(|e| e.to_string())?;
     provider::source_for(identity, &ctx).map_err(|e| e.to_string())
 }
 

@@ -3,16 +3,20 @@
 //!
 //! Nothing here does IO or knows about tokio. A session driver feeds client
 //! bytes to a [`PreAuth`] machine, writes what it produces, and acts on the
-//! [`Next`] step it returns.
+//! [`Next`] step it returns; an upstream driver does the same with a
+//! [`Dialogue`]. [`Spec`] ties each protocol's pieces together.
 
+pub mod client;
 pub mod imap;
 pub mod line;
 pub mod pop3;
+pub mod preauth;
 pub mod reply;
 pub mod smtp;
 
 use crate::sasl::Credentials;
-use bytes::BytesMut;
+pub use client::Dialogue;
+pub use preauth::{Dialect, PreAuth};
 pub use reply::Failure;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
@@ -98,73 +102,64 @@ pub enum Next {
     Close,
 }
 
-/// The pre-authentication dialogue of one protocol, as a state machine.
-pub trait PreAuth {
-    /// What the upstream said when it accepted the token.
-    type Success;
-
-    fn greeting(&mut self, out: &mut Vec<u8>);
-
-    /// Consumes as much of `input` as makes progress. Bytes after a complete
-    /// login stay in `input`: they belong to the upstream.
-    fn handle(&mut self, input: &mut BytesMut, out: &mut Vec<u8>) -> Next;
-
-    /// The pending login failed; answers the client. Returns [`Next::Close`]
-    /// when the failure ends the session.
-    fn auth_failed(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next;
-
-    /// The pending login succeeded upstream; answers the client. From here
-    /// the session is a splice.
-    fn auth_succeeded(&mut self, success: &Self::Success, out: &mut Vec<u8>);
-
-    /// The client connection is now TLS: the dialogue starts over.
-    fn tls_started(&mut self);
-
-    /// Ends the session for a reason outside the dialogue (timeout, shutdown).
-    fn abort(&mut self, failure: Failure, out: &mut Vec<u8>);
+/// Which of an account's names goes into XOAUTH2's `user=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xoauth2User {
+    /// The mailbox (IMAP, POP3: a shared mailbox is opened as itself).
+    Mailbox,
+    /// The SMTP user (for a shared mailbox: the delegate with Send As,
+    /// since SMTP AUTH cannot log in as a shared mailbox).
+    SmtpUser,
 }
 
-/// Counts failed logins on one connection.
-#[derive(Debug)]
-pub(crate) struct FailureCount {
-    count: u32,
-    max: u32,
+/// Everything that differs between the three protocols, as types: the
+/// client-side dialect, the upstream dialogue, and the XOAUTH2 user.
+pub trait Spec: Send + Sync + 'static {
+    const PROTOCOL: Protocol;
+    const XOAUTH2_USER: Xoauth2User;
+    type Dialect: Dialect<Success = <Self::Client as Dialogue>::Success> + Send;
+    type Client: Dialogue;
 }
 
-impl FailureCount {
-    pub(crate) fn new(max: u32) -> Self {
-        FailureCount { count: 0, max: max.max(1) }
-    }
+pub struct Imap;
+pub struct Pop3;
+pub struct Smtp;
 
-    /// Records a failure; true when the connection must now be closed.
-    pub(crate) fn exhausted_after_one_more(&mut self) -> bool {
-        self.count += 1;
-        self.count >= self.max
-    }
+impl Spec for Imap {
+    const PROTOCOL: Protocol = Protocol::Imap;
+    const XOAUTH2_USER: Xoauth2User = Xoauth2User::Mailbox;
+    type Dialect = imap::server::ImapDialect;
+    type Client = imap::ImapClient;
 }
 
-/// A SASL challenge line: `prefix` (`+ ` or `334 `), then the base64 challenge.
-pub(crate) fn sasl_challenge(prefix: &[u8], challenge: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(prefix);
-    out.extend_from_slice(crate::sasl::encode_base64(challenge).as_bytes());
-    out.extend_from_slice(b"\r\n");
+impl Spec for Pop3 {
+    const PROTOCOL: Protocol = Protocol::Pop3;
+    const XOAUTH2_USER: Xoauth2User = Xoauth2User::Mailbox;
+    type Dialect = pop3::server::Pop3Dialect;
+    type Client = pop3::Pop3Client;
 }
 
-/// The reply for a SASL exchange that went wrong.
-pub(crate) fn sasl_failure(e: crate::sasl::SaslError) -> Failure {
-    use crate::sasl::SaslError;
-    match e {
-        SaslError::Cancelled => Failure::SaslCancelled,
-        SaslError::BadBase64 | SaslError::Malformed(_) => Failure::SaslMalformed,
-        SaslError::AuthzidMismatch => Failure::AuthFailed,
-    }
+impl Spec for Smtp {
+    const PROTOCOL: Protocol = Protocol::Smtp;
+    const XOAUTH2_USER: Xoauth2User = Xoauth2User::SmtpUser;
+    type Dialect = smtp::server::SmtpDialect;
+    type Client = smtp::SmtpClient;
 }
 
-/// Splits `VERB rest` at the first space; the verb is upper-cased.
-pub(crate) fn split_verb(line: &[u8]) -> (Vec<u8>, &[u8]) {
-    match line.iter().position(|&b| b == b' ') {
-        Some(at) => (line[..at].to_ascii_uppercase(), &line[at + 1..]),
-        None => (line.to_ascii_uppercase(), &[]),
+/// Something to do with a protocol known only at run time: the one place a
+/// [`Protocol`] value becomes a [`Spec`] type.
+pub trait WithSpec {
+    type Output;
+    fn call<P: Spec>(self) -> Self::Output;
+}
+
+impl Protocol {
+    pub fn with<F: WithSpec>(self, f: F) -> F::Output {
+        match self {
+            Protocol::Smtp => f.call::<Smtp>(),
+            Protocol::Imap => f.call::<Imap>(),
+            Protocol::Pop3 => f.call::<Pop3>(),
+        }
     }
 }
 
@@ -173,6 +168,7 @@ pub(crate) mod testing {
     //! Drives a [`PreAuth`] machine from a scripted client, chunk by chunk.
 
     use super::*;
+    use bytes::BytesMut;
 
     #[derive(Debug, PartialEq)]
     pub enum Outcome {
@@ -184,7 +180,12 @@ pub(crate) mod testing {
 
     /// Feeds `input` in chunks of `chunk` bytes; stops at the first step
     /// other than `Read`. Returns the output and that step.
-    pub fn drive<M: PreAuth>(machine: &mut M, input: &mut BytesMut, chunk: usize, pending: &[u8]) -> (String, Outcome) {
+    pub fn drive<D: Dialect>(
+        machine: &mut PreAuth<D>,
+        input: &mut BytesMut,
+        chunk: usize,
+        pending: &[u8],
+    ) -> (String, Outcome) {
         let mut out = Vec::new();
         let mut offset = 0;
         loop {

@@ -87,15 +87,16 @@ impl Failure {
 
 /// The reply for `failure` in `protocol`'s syntax (IMAP untagged unless `tag`).
 pub fn for_protocol(protocol: super::Protocol, failure: Failure, tag: Option<&str>) -> Vec<u8> {
-    match protocol {
-        super::Protocol::Smtp => smtp(failure).to_vec(),
-        super::Protocol::Pop3 => pop3(failure).to_vec(),
-        super::Protocol::Imap => {
+    struct Render<'a>(Failure, Option<&'a str>);
+    impl super::WithSpec for Render<'_> {
+        type Output = Vec<u8>;
+        fn call<P: super::Spec>(self) -> Vec<u8> {
             let mut out = Vec::new();
-            imap(failure, tag, &mut out);
+            <P::Dialect as super::Dialect>::failure(self.0, self.1, &mut out);
             out
         }
     }
+    protocol.with(Render(failure, tag))
 }
 
 /// SMTP replies (RFC 5321, enhanced codes per RFC 3463 / RFC 4954).

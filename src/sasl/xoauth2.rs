@@ -6,6 +6,7 @@
 
 use super::encode_base64;
 use crate::secret::Secret;
+use crate::text::printable;
 
 /// The base64 initial response. It embeds the token, so it is a secret too.
 pub fn initial_response(user: &str, token: &str) -> Secret<String> {
@@ -39,22 +40,6 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
     let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
     &b[start..end]
-}
-
-/// Renders bytes for a log line: printable ASCII as is, the rest escaped.
-pub(crate) fn printable(bytes: &[u8], max: usize) -> String {
-    let mut out = String::new();
-    for &b in bytes.iter().take(max) {
-        if (0x20..0x7f).contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    if bytes.len() > max {
-        out.push_str("...");
-    }
-    out
 }
 
 #[cfg(test)]

@@ -7,11 +7,10 @@ mod stream;
 
 use crate::accounts::Accounts;
 use crate::config::{Config, ListenerConfig, LocalTls as LocalTlsMode};
-use crate::protocol::Protocol;
+use crate::protocol::{Spec, WithSpec};
 use crate::tls::{self, TlsError};
-use crate::token::store::TokenStore;
-use crate::token::{provider, TokenError, TokenManager};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::token::{TokenError, TokenManager};
+use crate::upstream::{BadServerName, Upstream, UpstreamError};
 use caps::CapabilityCache;
 use limits::{ConnectionLimiter, LoginThrottler, MailboxLimiter, Refusal};
 use rustls::ServerConfig;
@@ -24,6 +23,9 @@ use stream::ClientStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
+
+/// How long sessions get to wind down once the shutdown deadline has passed.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
 
 /// State shared by every listener.
 pub struct Shared {
@@ -79,8 +81,8 @@ pub enum StartError {
     Token(#[from] TokenError),
     #[error("listener {listener}: cannot listen on {addr}: {source}")]
     Bind { listener: String, addr: SocketAddr, source: std::io::Error },
-    #[error("listener {listener}: {message}")]
-    Listener { listener: String, message: String },
+    #[error("listener {listener}: {source}")]
+    Listener { listener: String, source: BadServerName },
 }
 
 pub struct Proxy {
@@ -96,7 +98,7 @@ impl Proxy {
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         tls::install_default_provider();
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
-        let tokens = build_token_manager(config, client_tls.clone())?;
+        let tokens = crate::token::manager_for(config, client_tls.clone())?;
         let shared = Arc::new(Shared {
             accounts: RwLock::new(Arc::new(Accounts::from_config(config))),
             tokens,
@@ -116,7 +118,7 @@ impl Proxy {
                 source,
             })?;
             let upstream = Upstream::new(l, client_tls.clone())
-                .map_err(|message| StartError::Listener { listener: l.name.clone(), message })?;
+                .map_err(|source| StartError::Listener { listener: l.name.clone(), source })?;
             let local_tls = match (l.local_tls, &server_tls) {
                 (LocalTlsMode::None, _) | (_, None) => None,
                 (mode, Some(config)) => {
@@ -164,15 +166,18 @@ impl Proxy {
     ) -> Result<Vec<(String, Result<Vec<String>, UpstreamError>)>, StartError> {
         tls::install_default_provider();
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
+        struct Probe<'a>(&'a Upstream);
+        impl<'a> WithSpec for Probe<'a> {
+            type Output = crate::token::BoxFuture<'a, Result<Vec<String>, UpstreamError>>;
+            fn call<P: Spec>(self) -> Self::Output {
+                Box::pin(self.0.probe::<P::Client>())
+            }
+        }
         let mut results = Vec::new();
         for l in &config.listeners {
             let upstream = Upstream::new(l, client_tls.clone())
-                .map_err(|message| StartError::Listener { listener: l.name.clone(), message })?;
-            let result = match l.protocol {
-                Protocol::Imap => crate::upstream::imap::probe(&upstream).await,
-                Protocol::Pop3 => crate::upstream::pop3::probe(&upstream).await,
-                Protocol::Smtp => crate::upstream::smtp::probe(&upstream).await,
-            };
+                .map_err(|source| StartError::Listener { listener: l.name.clone(), source })?;
+            let result = l.protocol.with(Probe(&upstream)).await;
             results.push((l.name.clone(), result));
         }
         Ok(results)
@@ -206,32 +211,17 @@ impl Proxy {
         if tokio::time::timeout(self.shutdown_timeout, tracker.wait()).await.is_err() {
             warn!(sessions = signals.sessions(), "shutdown deadline reached; closing the remaining sessions");
             signals.abort.cancel();
-            tracker.wait().await;
+            // Every phase watches the abort signal; this bound only guards
+            // against a task that does not, so shutdown stays a deadline.
+            if tokio::time::timeout(ABORT_GRACE, tracker.wait()).await.is_err() {
+                warn!(
+                    sessions = signals.sessions(),
+                    "sessions still running after the shutdown deadline; exiting anyway"
+                );
+            }
         }
         info!("stopped");
     }
-}
-
-/// The token manager for a config: one source per identity.
-pub fn build_token_manager(config: &Config, tls: Arc<rustls::ClientConfig>) -> Result<TokenManager, StartError> {
-    let store = match &config.token_store {
-        Some(store) => {
-            Some(Arc::new(TokenStore::open(store).map_err(|e| StartError::Token(TokenError::Store(e.to_string())))?))
-        }
-        None => None,
-    };
-    let ctx = provider::SourceContext {
-        tls,
-        store,
-        notifier: Arc::new(provider::ReauthNotifier::new(config.on_reauth_required.clone(), &config.source)),
-    };
-    let mut builder = TokenManager::builder();
-    for identity in config.identities.values() {
-        let source = provider::source_for(identity, &ctx)?;
-        let delegated = matches!(source, provider::Source::Delegated(_));
-        builder.add_identity(&identity.name, source.as_dyn(), identity.min_token_lifetime, delegated);
-    }
-    Ok(builder.build())
 }
 
 /// Applies a reloaded configuration (SIGHUP) to a running proxy.
@@ -318,9 +308,13 @@ async fn turn_away(ctx: Arc<ListenerCtx>, mut tcp: TcpStream) {
 }
 
 async fn dispatch(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: Signals) {
-    match ctx.config.protocol {
-        Protocol::Imap => session::run::<session::Imap>(ctx, tcp, peer, signals).await,
-        Protocol::Pop3 => session::run::<session::Pop3>(ctx, tcp, peer, signals).await,
-        Protocol::Smtp => session::run::<session::Smtp>(ctx, tcp, peer, signals).await,
+    struct Run(Arc<ListenerCtx>, TcpStream, SocketAddr, Signals);
+    impl WithSpec for Run {
+        type Output = crate::token::BoxFuture<'static, ()>;
+        fn call<P: Spec>(self) -> Self::Output {
+            Box::pin(session::run::<P>(self.0, self.1, self.2, self.3))
+        }
     }
+    let protocol = ctx.config.protocol;
+    protocol.with(Run(ctx, tcp, peer, signals)).await;
 }

@@ -1,20 +1,17 @@
 //! One client connection: the pre-auth dialogue, the login carried upstream,
-//! then the splice. Generic over the protocol; everything protocol-specific
-//! is behind [`ProxyProtocol`].
+//! then the splice. Generic over the protocol's [`Spec`]; nothing here
+//! depends on which protocol it is.
 
 use super::limits::MailboxGuard;
 use super::stream::ClientStream;
 use super::ListenerCtx;
-use crate::accounts::Account;
-use crate::protocol::imap::{ImapServer, ImapSuccess};
-use crate::protocol::pop3::{Pop3Server, Pop3Success};
-use crate::protocol::smtp::{SmtpServer, SmtpSuccess};
-use crate::protocol::{Failure, LoginRequest, Next, PreAuth, Protocol, SessionOptions};
-use crate::sasl::xoauth2::printable;
+use crate::protocol::client::Login;
+use crate::protocol::{Failure, LoginRequest, Next, PreAuth, SessionOptions, Spec, Xoauth2User};
+use crate::sasl::xoauth2;
 use crate::splice::{splice, SpliceEnd};
-use crate::upstream::{self, Authenticated, LoginError, Upstream, UpstreamError};
+use crate::text::printable;
+use crate::upstream::{Authenticated, LoginError};
 use bytes::BytesMut;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,107 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
-
-/// What differs between SMTP, IMAP and POP3 for the session driver.
-pub(crate) trait ProxyProtocol: Send + Sync + 'static {
-    const PROTOCOL: Protocol;
-    type Success: Send + Sync;
-    type Server: PreAuth<Success = Self::Success> + Send;
-
-    fn server(caps: Arc<[String]>, opts: SessionOptions) -> Self::Server;
-
-    /// The `user=` of XOAUTH2 for this account.
-    fn upstream_user(account: &Account) -> &str;
-
-    fn probe(upstream: &Upstream) -> impl Future<Output = Result<Vec<String>, UpstreamError>> + Send;
-
-    fn login<'a>(
-        upstream: &'a Upstream,
-        caps: &'a [String],
-        user: &'a str,
-        token: &'a str,
-        client_name: Option<&'a str>,
-    ) -> impl Future<Output = Result<Authenticated<Self::Success>, LoginError>> + Send + 'a;
-}
-
-pub(crate) struct Imap;
-pub(crate) struct Pop3;
-pub(crate) struct Smtp;
-
-impl ProxyProtocol for Imap {
-    const PROTOCOL: Protocol = Protocol::Imap;
-    type Success = ImapSuccess;
-    type Server = ImapServer;
-
-    fn server(caps: Arc<[String]>, opts: SessionOptions) -> ImapServer {
-        ImapServer::new(caps, opts)
-    }
-    fn upstream_user(account: &Account) -> &str {
-        &account.mailbox
-    }
-    fn probe(upstream: &Upstream) -> impl Future<Output = Result<Vec<String>, UpstreamError>> + Send {
-        upstream::imap::probe(upstream)
-    }
-    fn login<'a>(
-        upstream: &'a Upstream,
-        caps: &'a [String],
-        user: &'a str,
-        token: &'a str,
-        _client_name: Option<&'a str>,
-    ) -> impl Future<Output = Result<Authenticated<ImapSuccess>, LoginError>> + Send + 'a {
-        upstream::imap::login(upstream, caps, user, token)
-    }
-}
-
-impl ProxyProtocol for Pop3 {
-    const PROTOCOL: Protocol = Protocol::Pop3;
-    type Success = Pop3Success;
-    type Server = Pop3Server;
-
-    fn server(caps: Arc<[String]>, opts: SessionOptions) -> Pop3Server {
-        Pop3Server::new(caps, opts)
-    }
-    fn upstream_user(account: &Account) -> &str {
-        &account.mailbox
-    }
-    fn probe(upstream: &Upstream) -> impl Future<Output = Result<Vec<String>, UpstreamError>> + Send {
-        upstream::pop3::probe(upstream)
-    }
-    fn login<'a>(
-        upstream: &'a Upstream,
-        _caps: &'a [String],
-        user: &'a str,
-        token: &'a str,
-        _client_name: Option<&'a str>,
-    ) -> impl Future<Output = Result<Authenticated<Pop3Success>, LoginError>> + Send + 'a {
-        upstream::pop3::login(upstream, user, token)
-    }
-}
-
-impl ProxyProtocol for Smtp {
-    const PROTOCOL: Protocol = Protocol::Smtp;
-    type Success = SmtpSuccess;
-    type Server = SmtpServer;
-
-    fn server(caps: Arc<[String]>, opts: SessionOptions) -> SmtpServer {
-        SmtpServer::new(caps, opts)
-    }
-    fn upstream_user(account: &Account) -> &str {
-        &account.smtp_user
-    }
-    fn probe(upstream: &Upstream) -> impl Future<Output = Result<Vec<String>, UpstreamError>> + Send {
-        upstream::smtp::probe(upstream)
-    }
-    fn login<'a>(
-        upstream: &'a Upstream,
-        _caps: &'a [String],
-        user: &'a str,
-        token: &'a str,
-        client_name: Option<&'a str>,
-    ) -> impl Future<Output = Result<Authenticated<SmtpSuccess>, LoginError>> + Send + 'a {
-        upstream::smtp::login(upstream, client_name, user, token)
-    }
-}
 
 /// Shutdown signals a session listens to, and the count of open sessions.
 #[derive(Clone)]
@@ -160,7 +56,7 @@ impl Drop for SessionGuard {
 }
 
 /// Runs one connection to its end, inside a span that names it.
-pub(crate) async fn run<P: ProxyProtocol>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: Signals) {
+pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: Signals) {
     let span = tracing::info_span!(
         "session",
         listener = %ctx.config.name,
@@ -201,7 +97,7 @@ pub(crate) async fn run<P: ProxyProtocol>(ctx: Arc<ListenerCtx>, tcp: TcpStream,
     .await
 }
 
-struct Session<'a, P: ProxyProtocol> {
+struct Session<'a, P: Spec> {
     ctx: &'a ListenerCtx,
     peer: SocketAddr,
     stream: ClientStream,
@@ -220,7 +116,7 @@ enum ReadOutcome {
     Failed(Failure),
 }
 
-impl<P: ProxyProtocol> Session<'_, P> {
+impl<P: Spec> Session<'_, P> {
     fn options(&self) -> SessionOptions {
         let c = &self.ctx.config;
         SessionOptions {
@@ -274,18 +170,28 @@ impl<P: ProxyProtocol> Session<'_, P> {
         }
     }
 
-    async fn drive(mut self) {
+    /// The upstream's capabilities (probed once per listener and cached),
+    /// unless the proxy is past its shutdown deadline.
+    async fn capabilities(&self) -> Option<Result<Arc<[String]>, crate::upstream::UpstreamError>> {
         let upstream = &self.ctx.upstream;
-        let caps = match self.ctx.caps.get(|| P::probe(upstream)).await {
-            Ok(caps) => caps,
-            Err(e) => {
-                error!(upstream = %upstream.addr, error = %e, "upstream unavailable; turning the client away");
-                P::server(Arc::from([]), self.options()).abort(Failure::Unavailable, &mut self.out);
+        tokio::select! {
+            caps = self.ctx.caps.get(|| upstream.probe::<P::Client>()) => Some(caps),
+            _ = self.signals.abort.cancelled() => None,
+        }
+    }
+
+    async fn drive(mut self) {
+        let caps = match self.capabilities().await {
+            Some(Ok(caps)) => caps,
+            Some(Err(e)) => {
+                error!(upstream = %self.ctx.upstream.addr, error = %e, "upstream unavailable; turning the client away");
+                PreAuth::<P::Dialect>::new(Arc::from([]), self.options()).abort(Failure::Unavailable, &mut self.out);
                 self.flush().await;
                 return;
             }
+            None => return,
         };
-        let mut machine = P::server(caps.clone(), self.options());
+        let mut machine = PreAuth::<P::Dialect>::new(caps.clone(), self.options());
         machine.greeting(&mut self.out);
         loop {
             match machine.handle(&mut self.inbuf, &mut self.out) {
@@ -334,13 +240,18 @@ impl<P: ProxyProtocol> Session<'_, P> {
                     if !self.flush().await {
                         return;
                     }
-                    match self.authenticate(&caps, request).await {
-                        Ok((authenticated, _mailbox_place)) => {
-                            machine.auth_succeeded(&authenticated.success, &mut self.out);
+                    let result = tokio::select! {
+                        result = self.authenticate(&caps, request) => result,
+                        // Past the shutdown deadline a login in progress is cut too.
+                        _ = self.signals.abort.cancelled() => Err(Failure::ShuttingDown),
+                    };
+                    match result {
+                        Ok(logged_in) => {
+                            machine.auth_succeeded(&logged_in.upstream.success, &mut self.out);
                             if !self.flush().await {
                                 return;
                             }
-                            self.splice(authenticated).await;
+                            self.splice(logged_in).await;
                             return;
                         }
                         Err(failure) => {
@@ -358,12 +269,7 @@ impl<P: ProxyProtocol> Session<'_, P> {
 
     /// Verifies the local login, obtains a token, and logs in upstream,
     /// retrying once with a fresh token if the upstream refuses the first.
-    /// On success the mailbox's session place is held until the returned guard drops.
-    async fn authenticate(
-        &self,
-        caps: &[String],
-        request: LoginRequest,
-    ) -> Result<(Authenticated<P::Success>, MailboxGuard), Failure> {
+    async fn authenticate(&self, caps: &Arc<[String]>, request: LoginRequest) -> Result<LoggedIn<P>, Failure> {
         let span = tracing::Span::current();
         let shared = &self.ctx.shared;
         let username = printable(request.credentials.username.as_bytes(), 128);
@@ -396,12 +302,15 @@ impl<P: ProxyProtocol> Session<'_, P> {
         if !self.mailbox_named.swap(true, std::sync::atomic::Ordering::Relaxed) {
             span.record("mailbox", account.mailbox.as_str());
         }
-        let Some(place) = shared.mailboxes.try_acquire(&account.mailbox) else {
+        let Some(slot) = shared.mailboxes.try_acquire(&account.mailbox) else {
             warn!("refused: the mailbox already has max_sessions_per_mailbox upstream sessions");
             return Err(Failure::MailboxBusy);
         };
         let key = self.ctx.shared.tokens.key_for(&account.identity, &account.username);
-        let user = P::upstream_user(&account);
+        let user = match P::XOAUTH2_USER {
+            Xoauth2User::Mailbox => &account.mailbox,
+            Xoauth2User::SmtpUser => &account.smtp_user,
+        };
         let mut retried = false;
         loop {
             let token = match self.ctx.shared.tokens.get(&key).await {
@@ -412,10 +321,15 @@ impl<P: ProxyProtocol> Session<'_, P> {
                 }
             };
             debug!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "authenticating upstream with XOAUTH2");
-            match P::login(&self.ctx.upstream, caps, user, token.expose(), request.client_name.as_deref()).await {
-                Ok(authenticated) => {
+            let login = Login {
+                initial_response: xoauth2::initial_response(user, token.expose()),
+                client_name: request.client_name.clone(),
+                known_caps: caps.clone(),
+            };
+            match self.ctx.upstream.login::<P::Client>(login).await {
+                Ok(upstream) => {
                     info!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "logged in: plain login accepted locally, XOAUTH2 accepted upstream");
-                    return Ok((authenticated, place));
+                    return Ok(LoggedIn { upstream, slot });
                 }
                 Err(LoginError::Rejected(reason)) if !retried => {
                     warn!(%reason, "upstream refused the access token; retrying once with a fresh token");
@@ -438,16 +352,19 @@ impl<P: ProxyProtocol> Session<'_, P> {
         }
     }
 
-    async fn splice(self, authenticated: Authenticated<P::Success>) {
+    async fn splice(self, logged_in: LoggedIn<P>) {
+        let LoggedIn { upstream, slot } = logged_in;
         let stats = splice(
             self.stream,
             self.inbuf,
-            authenticated.stream,
-            authenticated.leftover,
+            upstream.stream,
+            upstream.leftover,
             self.ctx.config.limits.idle_timeout,
             self.signals.abort.clone(),
         )
         .await;
+        // The mailbox's upstream session is over: its place is free again.
+        drop(slot);
         let end = match &stats.end {
             SpliceEnd::Closed => "closed".to_string(),
             SpliceEnd::IdleTimeout => "idle timeout".to_string(),
@@ -464,4 +381,11 @@ impl<P: ProxyProtocol> Session<'_, P> {
             "session ended"
         );
     }
+}
+
+/// An upstream session that accepted the token, with the mailbox's session
+/// place it holds until the splice ends.
+struct LoggedIn<P: Spec> {
+    upstream: Authenticated<<P::Client as crate::protocol::Dialogue>::Success>,
+    slot: MailboxGuard,
 }

@@ -142,3 +142,32 @@ impl TokenError {
         }
     }
 }
+
+/// What every token source of a config shares: the TLS client setup for the
+/// token endpoint, the refresh-token store, and the re-authorisation hook.
+pub fn context_for(
+    config: &crate::config::Config,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<provider::SourceContext, TokenError> {
+    let store = match &config.token_store {
+        Some(store) => Some(Arc::new(store::TokenStore::open(store).map_err(|e| TokenError::Store(e.to_string()))?)),
+        None => None,
+    };
+    Ok(provider::SourceContext {
+        tls,
+        store,
+        notifier: Arc::new(provider::ReauthNotifier::new(config.on_reauth_required.clone(), &config.source)),
+    })
+}
+
+/// The token manager for a config: one source per identity.
+pub fn manager_for(config: &crate::config::Config, tls: Arc<rustls::ClientConfig>) -> Result<TokenManager, TokenError> {
+    let ctx = context_for(config, tls)?;
+    let mut builder = TokenManager::builder();
+    for identity in config.identities.values() {
+        let source = provider::source_for(identity, &ctx)?;
+        let delegated = matches!(source, provider::Source::Delegated(_));
+        builder.add_identity(&identity.name, source.as_dyn(), identity.min_token_lifetime, delegated);
+    }
+    Ok(builder.build())
+}

@@ -37,6 +37,8 @@ pub enum StoreError {
     BadKey(String),
     #[error("{path}: still locked by another process after {waited:?}")]
     LockTimeout { path: PathBuf, waited: Duration },
+    #[error(transparent)]
+    Write(#[from] crate::fsutil::FileError),
 }
 
 /// What is stored for one account.
@@ -185,7 +187,7 @@ impl TokenStore {
         data.extend_from_slice(MAGIC);
         data.extend_from_slice(&nonce);
         data.extend_from_slice(plain.expose());
-        write_atomically(&path, &data)
+        Ok(crate::fsutil::write_atomically(&path, &data)?)
     }
 
     /// Locks the account against concurrent refreshes by other processes,
@@ -257,39 +259,6 @@ fn load_or_create_key(path: &Path, rng: &SystemRandom) -> Result<Secret<Vec<u8>>
         }
         Err(e) => Err(io(path)(e)),
     }
-}
-
-/// Writes `data` to `path` (mode 0600) so that readers see the old or the
-/// new content, never a mix, and a crash leaves one of them on disk.
-pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    write_atomically_with_mode(path, data, 0o600)
-}
-
-pub fn write_atomically_with_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut suffix = [0u8; 6];
-    let _ = SystemRandom::new().fill(&mut suffix);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned()),
-        suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ));
-    let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io(&tmp))?;
-        // The umask may have narrowed `mode`; a public certificate should stay readable.
-        file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
-        file.write_all(data).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

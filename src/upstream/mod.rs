@@ -1,16 +1,13 @@
 //! Connections to the upstream mail server: TCP with timeouts, TLS (implicit
-//! or after STARTTLS), and a buffered reader that hands its read-ahead bytes
-//! to the splice. The per-protocol dialogues live in the submodules.
-
-pub mod imap;
-pub mod pop3;
-pub mod smtp;
+//! or after STARTTLS), and the one driver that runs a protocol's
+//! [`Dialogue`] over them and hands the authenticated stream, with any bytes
+//! read past the final reply, to the splice.
 
 use crate::config::{ListenerConfig, UpstreamAddr, UpstreamTls};
-use crate::secret::Secret;
+use crate::protocol::client::{Action, ClientError, Goal, Login, Outcome, Refusal};
+use crate::protocol::Dialogue;
 use bytes::BytesMut;
 use rustls_pki_types::ServerName;
-use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -19,10 +16,6 @@ use tokio_rustls::TlsConnector;
 
 pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// Longest upstream line accepted before authentication (capability lists
-/// and SASL challenges are far shorter).
-const MAX_LINE: usize = 64 * 1024;
-
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect to {addr}: {source}")]
@@ -30,21 +23,15 @@ pub enum UpstreamError {
     #[error("timed out {phase}")]
     Timeout { phase: &'static str },
     #[error("TLS handshake failed: {0}")]
-    Tls(std::io::Error),
+    Tls(#[source] std::io::Error),
     #[error("connection closed by the upstream {phase}")]
     Closed { phase: &'static str },
     #[error("network error {phase}: {source}")]
     Io { phase: &'static str, source: std::io::Error },
-    #[error("unexpected answer {phase}: {detail}")]
-    Protocol { phase: &'static str, detail: String },
-    #[error("upstream refused the connection: {0}")]
-    Refused(String),
-    #[error("upstream is temporarily refusing connections: {0}")]
-    Busy(String),
     #[error("upstream sent data after STARTTLS before the TLS handshake (possible injection)")]
     StartTlsInjection,
-    #[error("upstream does not offer STARTTLS")]
-    NoStartTls,
+    #[error(transparent)]
+    Dialogue(#[from] ClientError),
 }
 
 /// Why an upstream login did not succeed.
@@ -52,10 +39,10 @@ pub enum UpstreamError {
 pub enum LoginError {
     /// The upstream refused the token.
     #[error("upstream refused the token: {0}")]
-    Rejected(String),
+    Rejected(Refusal),
     /// The upstream asked us to come back later (throttling, busy).
     #[error("upstream answered with a temporary failure: {0}")]
-    Temporary(String),
+    Temporary(Refusal),
     #[error(transparent)]
     Unavailable(UpstreamError),
 }
@@ -63,7 +50,9 @@ pub enum LoginError {
 impl From<UpstreamError> for LoginError {
     fn from(e: UpstreamError) -> Self {
         match e {
-            UpstreamError::Busy(reason) => LoginError::Temporary(reason),
+            UpstreamError::Dialogue(ClientError::Rejected(r)) => LoginError::Rejected(r),
+            UpstreamError::Dialogue(ClientError::Temporary(r)) => LoginError::Temporary(r),
+            UpstreamError::Dialogue(ClientError::Busy(reply)) => LoginError::Temporary(Refusal::new(reply)),
             other => LoginError::Unavailable(other),
         }
     }
@@ -86,10 +75,18 @@ pub struct Upstream {
     server_name: ServerName<'static>,
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("{host} is not a valid TLS server name: {source}")]
+pub struct BadServerName {
+    host: String,
+    source: rustls_pki_types::InvalidDnsNameError,
+}
+
 impl Upstream {
-    pub fn new(listener: &ListenerConfig, tls: Arc<rustls::ClientConfig>) -> Result<Self, String> {
-        let server_name = ServerName::try_from(listener.upstream.host.clone())
-            .map_err(|e| format!("{} is not a valid server name: {e}", listener.upstream.host))?;
+    pub fn new(listener: &ListenerConfig, tls: Arc<rustls::ClientConfig>) -> Result<Self, BadServerName> {
+        let host = listener.upstream.host.clone();
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|source| BadServerName { host: host.clone(), source })?;
         Ok(Upstream {
             addr: listener.upstream.clone(),
             tls_mode: listener.upstream_tls,
@@ -97,6 +94,77 @@ impl Upstream {
             connector: TlsConnector::from(tls),
             server_name,
         })
+    }
+
+    /// The capabilities a client should see before login.
+    pub async fn probe<D: Dialogue>(&self) -> Result<Vec<String>, UpstreamError> {
+        let (outcome, stream, _) = self.converse(D::new(self.starttls(), Goal::Probe)).await?;
+        close_politely(stream, D::GOODBYE).await;
+        match outcome {
+            Outcome::Capabilities(caps) => Ok(caps),
+            Outcome::LoggedIn(_) => Err(ClientError::Protocol {
+                phase: "asking for capabilities",
+                detail: "the dialogue logged in instead".into(),
+            }
+            .into()),
+        }
+    }
+
+    /// Connects and authenticates with XOAUTH2.
+    pub async fn login<D: Dialogue>(&self, login: Login) -> Result<Authenticated<D::Success>, LoginError> {
+        let (outcome, stream, leftover) = self.converse(D::new(self.starttls(), Goal::Login(login))).await?;
+        match outcome {
+            Outcome::LoggedIn(success) => Ok(Authenticated { stream, leftover, success }),
+            Outcome::Capabilities(_) => Err(LoginError::Unavailable(
+                ClientError::Protocol { phase: "authenticating", detail: "the dialogue did not log in".into() }.into(),
+            )),
+        }
+    }
+
+    fn starttls(&self) -> bool {
+        self.tls_mode == UpstreamTls::Starttls
+    }
+
+    /// Runs `dialogue` over a new connection until it is done. The result is
+    /// always a TLS stream: a dialogue that finished in the clear is an error.
+    async fn converse<D: Dialogue>(
+        &self,
+        mut dialogue: D,
+    ) -> Result<(Outcome<D::Success>, UpstreamStream, BytesMut), UpstreamError> {
+        let tcp = self.tcp().await?;
+        let mut link = match self.tls_mode {
+            UpstreamTls::Implicit => Link::Tls(Box::new(self.handshake(tcp).await?)),
+            UpstreamTls::Starttls => Link::Plain(tcp),
+        };
+        let mut buf = BytesMut::with_capacity(8192);
+        loop {
+            let phase = dialogue.phase();
+            match dialogue.step(&mut buf)? {
+                Action::Send(bytes) => link.send(phase, &bytes, self.timeout).await?,
+                Action::SendSecret(line) => link.send(phase, line.expose(), self.timeout).await?,
+                Action::Read => link.read(phase, &mut buf, self.timeout).await?,
+                Action::StartTls => {
+                    // Anything the server sent after its "go ahead" and before
+                    // the handshake could come from a man in the middle.
+                    if !buf.is_empty() {
+                        return Err(UpstreamError::StartTlsInjection);
+                    }
+                    let Link::Plain(tcp) = link else {
+                        return Err(ClientError::Protocol { phase, detail: "STARTTLS inside TLS".into() }.into());
+                    };
+                    link = Link::Tls(Box::new(self.handshake(tcp).await?));
+                    dialogue.tls_started();
+                }
+                Action::Done(outcome) => {
+                    let Link::Tls(stream) = link else {
+                        return Err(
+                            ClientError::Protocol { phase, detail: "the dialogue ended without TLS".into() }.into()
+                        );
+                    };
+                    return Ok((outcome, *stream, buf));
+                }
+            }
+        }
     }
 
     async fn tcp(&self) -> Result<TcpStream, UpstreamError> {
@@ -117,104 +185,68 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout { phase: "in the TLS handshake" })?
             .map_err(UpstreamError::Tls)
     }
+}
 
-    /// A TLS connection for implicit TLS, or `None` and the plain TCP stream
-    /// for STARTTLS, to be upgraded by [`Upstream::starttls`].
-    async fn open(&self) -> Result<Opened, UpstreamError> {
-        let tcp = self.tcp().await?;
-        match self.tls_mode {
-            UpstreamTls::Implicit => Ok(Opened::Tls(Box::new(Conn::new(self.handshake(tcp).await?, self.timeout)))),
-            UpstreamTls::Starttls => Ok(Opened::Plain(Conn::new(tcp, self.timeout))),
+/// The connection while the dialogue runs: in the clear until STARTTLS.
+enum Link {
+    Plain(TcpStream),
+    Tls(Box<UpstreamStream>),
+}
+
+impl Link {
+    async fn send(&mut self, phase: &'static str, bytes: &[u8], timeout: Duration) -> Result<(), UpstreamError> {
+        match self {
+            Link::Plain(s) => send(s, phase, bytes, timeout).await,
+            Link::Tls(s) => send(s.as_mut(), phase, bytes, timeout).await,
         }
     }
 
-    /// Upgrades after the server accepted STARTTLS. Anything the server sent
-    /// after its "go ahead" and before the handshake could be injected by a
-    /// man in the middle, so it is an error, never carried into the TLS session.
-    async fn starttls(&self, plain: Conn<TcpStream>) -> Result<Conn<UpstreamStream>, UpstreamError> {
-        let (tcp, leftover) = plain.into_parts();
-        if !leftover.is_empty() {
-            return Err(UpstreamError::StartTlsInjection);
+    async fn read(&mut self, phase: &'static str, buf: &mut BytesMut, timeout: Duration) -> Result<(), UpstreamError> {
+        match self {
+            Link::Plain(s) => read(s, phase, buf, timeout).await,
+            Link::Tls(s) => read(s.as_mut(), phase, buf, timeout).await,
         }
-        Ok(Conn::new(self.handshake(tcp).await?, self.timeout))
     }
 }
 
-enum Opened {
-    Tls(Box<Conn<UpstreamStream>>),
-    Plain(Conn<TcpStream>),
-}
-
-/// A stream plus the bytes read from it but not yet consumed.
-pub struct Conn<S> {
-    stream: S,
-    buf: BytesMut,
+async fn send<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    phase: &'static str,
+    bytes: &[u8],
     timeout: Duration,
+) -> Result<(), UpstreamError> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    tokio::time::timeout(timeout, write)
+        .await
+        .map_err(|_| UpstreamError::Timeout { phase })?
+        .map_err(|source| UpstreamError::Io { phase, source })
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    fn new(stream: S, timeout: Duration) -> Self {
-        Conn { stream, buf: BytesMut::with_capacity(8192), timeout }
+async fn read<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    phase: &'static str,
+    buf: &mut BytesMut,
+    timeout: Duration,
+) -> Result<(), UpstreamError> {
+    buf.reserve(8192);
+    let n = tokio::time::timeout(timeout, stream.read_buf(buf))
+        .await
+        .map_err(|_| UpstreamError::Timeout { phase })?
+        .map_err(|source| UpstreamError::Io { phase, source })?;
+    if n == 0 {
+        return Err(UpstreamError::Closed { phase });
     }
+    Ok(())
+}
 
-    /// Reads until `parse` produces a value; every read has the timeout.
-    async fn read<T, E: Display>(
-        &mut self,
-        phase: &'static str,
-        mut parse: impl FnMut(&mut BytesMut) -> Result<Option<T>, E>,
-    ) -> Result<T, UpstreamError> {
-        loop {
-            match parse(&mut self.buf) {
-                Ok(Some(value)) => return Ok(value),
-                Ok(None) => {}
-                Err(e) => return Err(UpstreamError::Protocol { phase, detail: e.to_string() }),
-            }
-            self.buf.reserve(8192);
-            let n = tokio::time::timeout(self.timeout, self.stream.read_buf(&mut self.buf))
-                .await
-                .map_err(|_| UpstreamError::Timeout { phase })?
-                .map_err(|source| UpstreamError::Io { phase, source })?;
-            if n == 0 {
-                return Err(UpstreamError::Closed { phase });
-            }
-        }
-    }
-
-    async fn send(&mut self, phase: &'static str, bytes: &[u8]) -> Result<(), UpstreamError> {
-        let write = async {
-            self.stream.write_all(bytes).await?;
-            self.stream.flush().await
-        };
-        tokio::time::timeout(self.timeout, write)
-            .await
-            .map_err(|_| UpstreamError::Timeout { phase })?
-            .map_err(|source| UpstreamError::Io { phase, source })
-    }
-
-    /// Sends a line that carries a token; the buffer is wiped afterwards.
-    async fn send_secret_line(
-        &mut self,
-        phase: &'static str,
-        prefix: &[u8],
-        secret: &Secret<String>,
-    ) -> Result<(), UpstreamError> {
-        let mut line = Secret::new(Vec::with_capacity(prefix.len() + secret.expose().len() + 2));
-        line.expose_mut().extend_from_slice(prefix);
-        line.expose_mut().extend_from_slice(secret.expose().as_bytes());
-        line.expose_mut().extend_from_slice(b"\r\n");
-        self.send(phase, line.expose()).await
-    }
-
-    fn into_parts(self) -> (S, BytesMut) {
-        (self.stream, self.buf)
-    }
-
-    /// Best effort: say goodbye without waiting long for the answer.
-    async fn close_politely(mut self, goodbye: &[u8]) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self.stream.write_all(goodbye).await;
-            let _ = self.stream.shutdown().await;
-        })
-        .await;
-    }
+/// Best effort: say goodbye without waiting long for the answer.
+async fn close_politely(mut stream: UpstreamStream, goodbye: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(goodbye).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }

@@ -2,7 +2,7 @@
 //! session driver does, and checks what must hold whatever the input.
 
 use bytes::BytesMut;
-use xoauth2_proxy::protocol::{Failure, Next, PreAuth, SessionOptions};
+use xoauth2_proxy::protocol::{Dialect, Failure, Next, PreAuth, SessionOptions};
 
 pub fn options(max_line: usize) -> SessionOptions {
     SessionOptions {
@@ -17,7 +17,7 @@ pub fn options(max_line: usize) -> SessionOptions {
 
 /// The first byte picks the chunk size and how logins end; the rest is what
 /// the client sends.
-pub fn drive<M: PreAuth>(mut machine: M, data: &[u8], max_line: usize, success: impl Fn() -> M::Success) {
+pub fn drive<D: Dialect>(mut machine: PreAuth<D>, data: &[u8], max_line: usize, success: impl Fn() -> D::Success) {
     let Some((&control, input)) = data.split_first() else { return };
     let chunk = 1 + (control & 0x3f) as usize;
     let mut buf = BytesMut::new();

@@ -5,7 +5,7 @@ pub mod client;
 pub mod command;
 pub mod server;
 
-pub use client::{ImapSuccess, Response, ResponseReader, Status};
+pub use client::{ImapClient, ImapSuccess, Response, ResponseReader, Status};
 pub use server::ImapServer;
 
 use super::SessionOptions;

@@ -1,190 +1,109 @@
-//! The IMAP dialogue with a local client until it has logged in.
+//! The IMAP dialect of the pre-auth dialogue: tags, literals, CAPABILITY, ID.
 
 use super::client::{self, ImapSuccess};
 use super::command::{Command, Received, Receiver};
 use super::{postauth_capabilities, preauth_capabilities};
 use crate::protocol::line::LineError;
+use crate::protocol::preauth::{Dialect, PreAuth, Request, Tagged};
 use crate::protocol::reply::{self, Failure};
-use crate::protocol::{sasl_challenge, sasl_failure, FailureCount, LoginRequest, Next, PreAuth, SessionOptions};
-use crate::sasl::{Credentials, ServerExchange, Step};
+use crate::protocol::SessionOptions;
+use crate::sasl::Credentials;
 use bytes::BytesMut;
 use std::sync::Arc;
 
-pub struct ImapServer {
+/// The IMAP pre-auth dialogue.
+pub type ImapServer = PreAuth<ImapDialect>;
+
+pub struct ImapDialect {
     rx: Receiver,
     upstream_caps: Arc<[String]>,
-    opts: SessionOptions,
-    state: State,
-    failures: FailureCount,
+    max_line: usize,
 }
 
-enum State {
-    Commands,
-    Sasl { tag: String, exchange: ServerExchange },
-    Authenticating { tag: String },
-    Done,
-}
-
-impl ImapServer {
-    /// `upstream_caps` are the upstream's capabilities before login.
-    pub fn new(upstream_caps: Arc<[String]>, opts: SessionOptions) -> Self {
-        ImapServer {
-            rx: Receiver::new(opts.max_line),
-            failures: FailureCount::new(opts.max_auth_failures),
-            upstream_caps,
-            opts,
-            state: State::Commands,
-        }
+impl ImapDialect {
+    fn capabilities(&self, opts: &SessionOptions) -> String {
+        preauth_capabilities(&self.upstream_caps, opts)
     }
 
-    fn capabilities(&self) -> String {
-        preauth_capabilities(&self.upstream_caps, &self.opts)
-    }
-
-    fn login(&mut self, tag: String, credentials: Credentials) -> Next {
-        self.state = State::Authenticating { tag };
-        Next::Authenticate(LoginRequest { credentials, client_name: None })
-    }
-
-    /// Handles one command; `None` means carry on reading commands.
-    fn command(&mut self, command: Command, input: &mut BytesMut, out: &mut Vec<u8>) -> Option<Next> {
+    /// Answers one command, or hands it to the shared machine.
+    fn command(&self, command: Command, opts: &SessionOptions, out: &mut Vec<u8>) -> Tagged {
         let tagged = |out: &mut Vec<u8>, tag: &str, text: &str| {
             out.extend_from_slice(format!("{tag} {text}\r\n").as_bytes());
         };
-        match command {
+        let (tag, request) = match command {
             Command::Capability { tag } => {
-                out.extend_from_slice(format!("* CAPABILITY {}\r\n", self.capabilities()).as_bytes());
+                out.extend_from_slice(format!("* CAPABILITY {}\r\n", self.capabilities(opts)).as_bytes());
                 tagged(out, &tag, "OK CAPABILITY completed");
+                (tag, Request::Answered)
             }
-            Command::Noop { tag } => tagged(out, &tag, "OK NOOP completed"),
+            Command::Noop { tag } => {
+                tagged(out, &tag, "OK NOOP completed");
+                (tag, Request::Answered)
+            }
             Command::Id { tag } => {
                 out.extend_from_slice(b"* ID (\"name\" \"xoauth2-proxy\")\r\n");
                 tagged(out, &tag, "OK ID completed");
+                (tag, Request::Answered)
             }
             Command::Logout { tag } => {
                 out.extend_from_slice(b"* BYE Logging out\r\n");
                 tagged(out, &tag, "OK LOGOUT completed");
-                self.state = State::Done;
-                return Some(Next::Close);
+                (tag, Request::Close)
             }
-            Command::StartTls { tag } => {
-                if !self.opts.offer_starttls() {
-                    reply::imap(Failure::StartTlsUnavailable, Some(&tag), out);
-                } else if !input.is_empty() {
-                    input.clear();
-                    reply::imap(Failure::StartTlsInjection, Some(&tag), out);
-                    self.state = State::Done;
-                    return Some(Next::Close);
-                } else {
-                    tagged(out, &tag, "OK Begin TLS negotiation now");
-                    return Some(Next::StartTls);
-                }
-            }
-            Command::NeedsAuth { tag } => reply::imap(Failure::AuthFirst, Some(&tag), out),
-            Command::Login { tag, username, password } => {
-                if let Some(refusal) = self.opts.auth_refusal() {
-                    reply::imap(refusal, Some(&tag), out);
-                } else {
-                    return Some(self.login(tag, Credentials { username, password }));
-                }
-            }
-            Command::Authenticate { tag, mechanism, initial } => {
-                if let Some(refusal) = self.opts.auth_refusal() {
-                    reply::imap(refusal, Some(&tag), out);
-                    return None;
-                }
-                let Some(mechanism) = mechanism else {
-                    reply::imap(Failure::UnsupportedMechanism, Some(&tag), out);
-                    return None;
-                };
-                match ServerExchange::start(mechanism, initial.as_ref().map(|i| i.expose().as_slice())) {
-                    Ok((exchange, Step::Challenge(challenge))) => {
-                        sasl_challenge(b"+ ", challenge, out);
-                        self.state = State::Sasl { tag, exchange };
-                    }
-                    Ok((_, Step::Done(credentials))) => return Some(self.login(tag, credentials)),
-                    Err(e) => reply::imap(sasl_failure(e), Some(&tag), out),
-                }
-            }
-        }
-        None
+            Command::StartTls { tag } => (tag, Request::StartTls),
+            Command::NeedsAuth { tag } => (tag, Request::Refused(Failure::AuthFirst)),
+            Command::Login { tag, username, password } => (tag, Request::Login(Credentials { username, password })),
+            Command::Authenticate { tag, mechanism, initial } => (tag, Request::Authenticate { mechanism, initial }),
+        };
+        Tagged { tag: Some(tag), request }
     }
 }
 
-impl PreAuth for ImapServer {
+impl Dialect for ImapDialect {
     type Success = ImapSuccess;
+    const CHALLENGE: &'static [u8] = b"+ ";
 
-    fn greeting(&mut self, out: &mut Vec<u8>) {
+    fn new(upstream_caps: Arc<[String]>, opts: &SessionOptions) -> Self {
+        ImapDialect { rx: Receiver::new(opts.max_line), upstream_caps, max_line: opts.max_line }
+    }
+
+    fn greeting(&self, opts: &SessionOptions, out: &mut Vec<u8>) {
         // Exchange's greeting carries no capabilities; many clients skip the
         // CAPABILITY round trip when the greeting has them.
-        out.extend_from_slice(format!("* OK [CAPABILITY {}] xoauth2-proxy ready\r\n", self.capabilities()).as_bytes());
+        out.extend_from_slice(
+            format!("* OK [CAPABILITY {}] xoauth2-proxy ready\r\n", self.capabilities(opts)).as_bytes(),
+        );
     }
 
-    fn handle(&mut self, input: &mut BytesMut, out: &mut Vec<u8>) -> Next {
+    fn next(&mut self, input: &mut BytesMut, opts: &SessionOptions, out: &mut Vec<u8>) -> Option<Tagged> {
         loop {
-            match &mut self.state {
-                State::Commands => match self.rx.poll(input) {
-                    None => return Next::Read,
-                    Some(Received::NeedContinuation) => out.extend_from_slice(b"+ Ready for literal data\r\n"),
-                    Some(Received::Rejected { tag, failure, close }) => {
-                        reply::imap(failure, tag.as_deref(), out);
-                        if close {
-                            self.state = State::Done;
-                            return Next::Close;
-                        }
-                    }
-                    Some(Received::Command(command)) => {
-                        if let Some(next) = self.command(command, input, out) {
-                            return next;
-                        }
-                    }
-                },
-                State::Sasl { tag, exchange } => {
-                    let line = match self.rx.next_line(input) {
-                        Ok(Some(line)) => line,
-                        Ok(None) => return Next::Read,
-                        Err(LineError::TooLong) => {
-                            reply::imap(Failure::LineTooLong, Some(tag), out);
-                            self.state = State::Commands;
-                            continue;
-                        }
-                    };
-                    match exchange.respond(&line) {
-                        Ok(Step::Challenge(challenge)) => sasl_challenge(b"+ ", challenge, out),
-                        Ok(Step::Done(credentials)) => {
-                            let tag = std::mem::take(tag);
-                            return self.login(tag, credentials);
-                        }
-                        Err(e) => {
-                            reply::imap(sasl_failure(e), Some(tag), out);
-                            self.state = State::Commands;
-                        }
-                    }
+            return match self.rx.poll(input)? {
+                Received::NeedContinuation => {
+                    out.extend_from_slice(b"+ Ready for literal data\r\n");
+                    continue;
                 }
-                State::Authenticating { .. } | State::Done => return Next::Read,
-            }
+                Received::Rejected { tag, failure, close } => Some(Tagged {
+                    tag,
+                    request: if close { Request::Fatal(failure) } else { Request::Refused(failure) },
+                }),
+                Received::Command(command) => Some(self.command(command, opts, out)),
+            };
         }
     }
 
-    fn auth_failed(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
-        let tag = match std::mem::replace(&mut self.state, State::Commands) {
-            State::Authenticating { tag } => Some(tag),
-            _ => None,
-        };
-        reply::imap(failure, tag.as_deref(), out);
-        if failure.closes_session() {
-            self.state = State::Done;
-            return Next::Close;
-        }
-        if failure == Failure::AuthFailed && self.failures.exhausted_after_one_more() {
-            reply::imap(Failure::TooManyFailures, None, out);
-            self.state = State::Done;
-            return Next::Close;
-        }
-        Next::Read
+    fn line(&mut self, input: &mut BytesMut) -> Result<Option<BytesMut>, LineError> {
+        self.rx.next_line(input)
     }
 
-    fn auth_succeeded(&mut self, success: &ImapSuccess, out: &mut Vec<u8>) {
+    fn failure(failure: Failure, tag: Option<&str>, out: &mut Vec<u8>) {
+        reply::imap(failure, tag, out);
+    }
+
+    fn starttls_go_ahead(tag: Option<&str>, out: &mut Vec<u8>) {
+        out.extend_from_slice(format!("{} OK Begin TLS negotiation now\r\n", tag.unwrap_or("*")).as_bytes());
+    }
+
+    fn succeeded(&self, success: &ImapSuccess, tag: Option<&str>, out: &mut Vec<u8>) {
         for line in &success.untagged {
             match client::capabilities(line) {
                 Some(caps) if line.len() > 2 && line[2..].to_ascii_uppercase().starts_with(b"CAPABILITY") => {
@@ -198,25 +117,14 @@ impl PreAuth for ImapServer {
                 }
             }
         }
-        let tag = match std::mem::replace(&mut self.state, State::Done) {
-            State::Authenticating { tag } => tag,
-            _ => String::from("*"),
-        };
-        out.extend_from_slice(tag.as_bytes());
+        out.extend_from_slice(tag.unwrap_or("*").as_bytes());
         out.extend_from_slice(b" OK ");
         out.extend_from_slice(&rewrite_ok_text(&success.text));
         out.extend_from_slice(b"\r\n");
     }
 
-    fn tls_started(&mut self) {
-        self.opts.tls_active = true;
-        self.state = State::Commands;
-        self.rx = Receiver::new(self.opts.max_line);
-    }
-
-    fn abort(&mut self, failure: Failure, out: &mut Vec<u8>) {
-        reply::imap(failure, None, out);
-        self.state = State::Done;
+    fn reset(&mut self, _opts: &SessionOptions) {
+        self.rx = Receiver::new(self.max_line);
     }
 }
 
@@ -237,6 +145,7 @@ fn rewrite_ok_text(text: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::protocol::testing::{drive, plain_options, Outcome};
+    use crate::protocol::Next;
 
     fn server() -> ImapServer {
         let caps: Vec<String> = "IMAP4rev1 IDLE LITERAL+ AUTH=XOAUTH2".split(' ').map(String::from).collect();

@@ -4,7 +4,7 @@
 pub mod client;
 pub mod server;
 
-pub use client::{Pop3Success, Reply};
+pub use client::{Pop3Client, Pop3Success, Reply};
 pub use server::Pop3Server;
 
 use super::SessionOptions;

@@ -1,212 +1,127 @@
-//! The POP3 dialogue with a local client until it has logged in.
+//! The POP3 dialect of the pre-auth dialogue: USER/PASS, CAPA, STLS.
 
 use super::client::Pop3Success;
 use super::preauth_capabilities;
 use crate::protocol::line::{LineError, LineFramer};
+use crate::protocol::preauth::{auth_arguments, split_verb, Dialect, PreAuth, Request, Tagged};
 use crate::protocol::reply::{self, Failure};
-use crate::protocol::{
-    sasl_challenge, sasl_failure, split_verb, FailureCount, LoginRequest, Next, PreAuth, SessionOptions,
-};
-use crate::sasl::{Credentials, Mechanism, ServerExchange, Step};
+use crate::protocol::SessionOptions;
+use crate::sasl::Credentials;
 use crate::secret::Secret;
 use bytes::BytesMut;
 use std::sync::Arc;
 
-pub struct Pop3Server {
+/// The POP3 pre-auth dialogue.
+pub type Pop3Server = PreAuth<Pop3Dialect>;
+
+pub struct Pop3Dialect {
     framer: LineFramer,
     upstream_caps: Arc<[String]>,
-    opts: SessionOptions,
-    state: State,
-    failures: FailureCount,
     /// The name given by USER, waiting for PASS.
     user: Option<String>,
 }
 
-enum State {
-    Commands,
-    Sasl { exchange: ServerExchange },
-    Authenticating,
-    Done,
-}
-
-impl Pop3Server {
-    pub fn new(upstream_caps: Arc<[String]>, opts: SessionOptions) -> Self {
-        Pop3Server {
-            framer: LineFramer::new(opts.max_line),
-            failures: FailureCount::new(opts.max_auth_failures),
-            upstream_caps,
-            opts,
-            state: State::Commands,
-            user: None,
-        }
-    }
-
-    fn login(&mut self, credentials: Credentials) -> Next {
-        self.state = State::Authenticating;
-        Next::Authenticate(LoginRequest { credentials, client_name: None })
-    }
-
-    fn command(&mut self, line: &[u8], input: &mut BytesMut, out: &mut Vec<u8>) -> Option<Next> {
+impl Pop3Dialect {
+    fn command(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request {
         let (verb, args) = split_verb(line);
         match verb.as_slice() {
             b"CAPA" => {
                 out.extend_from_slice(b"+OK Capability list follows\r\n");
-                for cap in preauth_capabilities(&self.upstream_caps, &self.opts) {
+                for cap in preauth_capabilities(&self.upstream_caps, opts) {
                     out.extend_from_slice(cap.as_bytes());
                     out.extend_from_slice(b"\r\n");
                 }
                 out.extend_from_slice(b".\r\n");
+                Request::Answered
             }
             b"USER" => {
-                if let Some(refusal) = self.opts.auth_refusal() {
-                    out.extend_from_slice(reply::pop3(refusal));
-                } else if args.is_empty() {
-                    out.extend_from_slice(reply::pop3(Failure::Syntax));
-                } else {
-                    match String::from_utf8(args.to_vec()) {
-                        Ok(user) => {
-                            self.user = Some(user);
-                            out.extend_from_slice(b"+OK Send PASS\r\n");
-                        }
-                        Err(_) => out.extend_from_slice(reply::pop3(Failure::Syntax)),
+                if let Some(refusal) = opts.auth_refusal() {
+                    return Request::Refused(refusal);
+                }
+                match String::from_utf8(args.to_vec()) {
+                    Ok(user) if !user.is_empty() => {
+                        self.user = Some(user);
+                        out.extend_from_slice(b"+OK Send PASS\r\n");
+                        Request::Answered
                     }
+                    _ => Request::Refused(Failure::Syntax),
                 }
             }
             b"PASS" => {
-                if let Some(refusal) = self.opts.auth_refusal() {
-                    out.extend_from_slice(reply::pop3(refusal));
-                } else {
-                    match (self.user.take(), args.is_empty()) {
-                        (Some(username), false) => {
-                            // The whole rest of the line: passwords may contain spaces.
-                            let password = Secret::new(args.to_vec());
-                            return Some(self.login(Credentials { username, password }));
-                        }
-                        _ => out.extend_from_slice(b"-ERR Send USER first, then PASS with a password\r\n"),
+                if let Some(refusal) = opts.auth_refusal() {
+                    return Request::Refused(refusal);
+                }
+                match (self.user.take(), args.is_empty()) {
+                    // The whole rest of the line: passwords may contain spaces.
+                    (Some(username), false) => {
+                        Request::Login(Credentials { username, password: Secret::new(args.to_vec()) })
+                    }
+                    _ => {
+                        out.extend_from_slice(b"-ERR Send USER first, then PASS with a password\r\n");
+                        Request::Answered
                     }
                 }
             }
-            b"AUTH" if args.is_empty() => out.extend_from_slice(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"),
-            b"AUTH" => {
-                if let Some(refusal) = self.opts.auth_refusal() {
-                    out.extend_from_slice(reply::pop3(refusal));
-                    return None;
-                }
-                let (mechanism, initial) = match args.iter().position(|&b| b == b' ') {
-                    Some(at) => (&args[..at], Some(&args[at + 1..])),
-                    None => (args, None),
-                };
-                let Some(mechanism) = Mechanism::parse(mechanism) else {
-                    out.extend_from_slice(reply::pop3(Failure::UnsupportedMechanism));
-                    return None;
-                };
-                match ServerExchange::start(mechanism, initial) {
-                    Ok((exchange, Step::Challenge(challenge))) => {
-                        sasl_challenge(b"+ ", challenge, out);
-                        self.state = State::Sasl { exchange };
-                    }
-                    Ok((_, Step::Done(credentials))) => return Some(self.login(credentials)),
-                    Err(e) => out.extend_from_slice(reply::pop3(sasl_failure(e))),
-                }
+            b"AUTH" if args.is_empty() => {
+                out.extend_from_slice(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
+                Request::Answered
             }
-            b"STLS" => {
-                if !self.opts.offer_starttls() {
-                    out.extend_from_slice(reply::pop3(Failure::StartTlsUnavailable));
-                } else if !input.is_empty() {
-                    input.clear();
-                    out.extend_from_slice(reply::pop3(Failure::StartTlsInjection));
-                    self.state = State::Done;
-                    return Some(Next::Close);
-                } else {
-                    out.extend_from_slice(b"+OK Begin TLS negotiation\r\n");
-                    return Some(Next::StartTls);
-                }
-            }
+            b"AUTH" => auth_arguments(args),
+            b"STLS" => Request::StartTls,
             b"QUIT" => {
                 out.extend_from_slice(b"+OK Bye\r\n");
-                self.state = State::Done;
-                return Some(Next::Close);
+                Request::Close
             }
-            b"APOP" => out.extend_from_slice(reply::pop3(Failure::UnsupportedMechanism)),
+            b"APOP" => Request::Refused(Failure::UnsupportedMechanism),
             b"STAT" | b"LIST" | b"RETR" | b"DELE" | b"NOOP" | b"RSET" | b"TOP" | b"UIDL" | b"LAST" => {
-                out.extend_from_slice(reply::pop3(Failure::AuthFirst))
+                Request::Refused(Failure::AuthFirst)
             }
-            _ => out.extend_from_slice(reply::pop3(Failure::Syntax)),
+            _ => Request::Refused(Failure::Syntax),
         }
-        None
     }
 }
 
-impl PreAuth for Pop3Server {
+impl Dialect for Pop3Dialect {
     type Success = Pop3Success;
+    const CHALLENGE: &'static [u8] = b"+ ";
 
-    fn greeting(&mut self, out: &mut Vec<u8>) {
+    fn new(upstream_caps: Arc<[String]>, opts: &SessionOptions) -> Self {
+        Pop3Dialect { framer: LineFramer::new(opts.max_line), upstream_caps, user: None }
+    }
+
+    fn greeting(&self, _opts: &SessionOptions, out: &mut Vec<u8>) {
         out.extend_from_slice(b"+OK xoauth2-proxy ready\r\n");
     }
 
-    fn handle(&mut self, input: &mut BytesMut, out: &mut Vec<u8>) -> Next {
-        loop {
-            if matches!(self.state, State::Authenticating | State::Done) {
-                return Next::Read;
-            }
-            let line = match self.framer.next_line(input) {
-                Ok(Some(line)) => line,
-                Ok(None) => return Next::Read,
-                Err(LineError::TooLong) => {
-                    out.extend_from_slice(reply::pop3(Failure::LineTooLong));
-                    self.state = State::Commands;
-                    continue;
-                }
-            };
-            match &mut self.state {
-                State::Sasl { exchange } => match exchange.respond(&line) {
-                    Ok(Step::Challenge(challenge)) => sasl_challenge(b"+ ", challenge, out),
-                    Ok(Step::Done(credentials)) => return self.login(credentials),
-                    Err(e) => {
-                        out.extend_from_slice(reply::pop3(sasl_failure(e)));
-                        self.state = State::Commands;
-                    }
-                },
-                _ => {
-                    if let Some(next) = self.command(&line, input, out) {
-                        return next;
-                    }
-                }
-            }
-        }
+    fn next(&mut self, input: &mut BytesMut, opts: &SessionOptions, out: &mut Vec<u8>) -> Option<Tagged> {
+        let request = match self.framer.next_line(input) {
+            Ok(Some(line)) => self.command(&line, opts, out),
+            Ok(None) => return None,
+            Err(LineError::TooLong) => Request::Refused(Failure::LineTooLong),
+        };
+        Some(Tagged::untagged(request))
     }
 
-    fn auth_failed(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
-        self.state = State::Commands;
+    fn line(&mut self, input: &mut BytesMut) -> Result<Option<BytesMut>, LineError> {
+        self.framer.next_line(input)
+    }
+
+    fn failure(failure: Failure, _tag: Option<&str>, out: &mut Vec<u8>) {
         out.extend_from_slice(reply::pop3(failure));
-        if failure.closes_session() {
-            self.state = State::Done;
-            return Next::Close;
-        }
-        if failure == Failure::AuthFailed && self.failures.exhausted_after_one_more() {
-            out.extend_from_slice(reply::pop3(Failure::TooManyFailures));
-            self.state = State::Done;
-            return Next::Close;
-        }
-        Next::Read
     }
 
-    fn auth_succeeded(&mut self, success: &Pop3Success, out: &mut Vec<u8>) {
+    fn starttls_go_ahead(_tag: Option<&str>, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"+OK Begin TLS negotiation\r\n");
+    }
+
+    fn succeeded(&self, success: &Pop3Success, _tag: Option<&str>, out: &mut Vec<u8>) {
         out.extend_from_slice(&success.line);
         out.extend_from_slice(b"\r\n");
-        self.state = State::Done;
     }
 
-    fn tls_started(&mut self) {
-        self.opts.tls_active = true;
-        self.state = State::Commands;
+    fn reset(&mut self, opts: &SessionOptions) {
         self.user = None;
-        self.framer = LineFramer::new(self.opts.max_line);
-    }
-
-    fn abort(&mut self, failure: Failure, out: &mut Vec<u8>) {
-        out.extend_from_slice(reply::pop3(failure));
-        self.state = State::Done;
+        self.framer = LineFramer::new(opts.max_line);
     }
 }
 
@@ -214,6 +129,7 @@ impl PreAuth for Pop3Server {
 mod tests {
     use super::*;
     use crate::protocol::testing::{drive, plain_options, Outcome};
+    use crate::protocol::Next;
 
     fn server() -> Pop3Server {
         let caps: Vec<String> = ["TOP", "UIDL", "SASL XOAUTH2"].map(String::from).to_vec();

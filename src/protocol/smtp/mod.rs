@@ -4,7 +4,7 @@
 pub mod client;
 pub mod server;
 
-pub use client::{Reply, ReplyReader, SmtpSuccess};
+pub use client::{Reply, ReplyReader, SmtpClient, SmtpSuccess};
 pub use server::SmtpServer;
 
 use super::SessionOptions;

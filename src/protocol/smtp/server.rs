@@ -1,56 +1,30 @@
-//! The SMTP dialogue with a local client until it has authenticated.
+//! The SMTP dialect of the pre-auth dialogue: EHLO/HELO and the EHLO rewrite.
 
 use super::client::SmtpSuccess;
 use super::preauth_capabilities;
 use crate::protocol::line::{LineError, LineFramer};
+use crate::protocol::preauth::{auth_arguments, split_verb, Dialect, PreAuth, Request, Tagged};
 use crate::protocol::reply::{self, Failure};
-use crate::protocol::{
-    sasl_challenge, sasl_failure, split_verb, FailureCount, LoginRequest, Next, PreAuth, SessionOptions,
-};
-use crate::sasl::{Credentials, Mechanism, ServerExchange, Step};
+use crate::protocol::SessionOptions;
 use bytes::BytesMut;
 use std::sync::Arc;
 
 /// The name the proxy gives in its greeting and EHLO reply.
 const SERVER_NAME: &str = "xoauth2-proxy";
 
-pub struct SmtpServer {
+/// The SMTP pre-auth dialogue.
+pub type SmtpServer = PreAuth<SmtpDialect>;
+
+pub struct SmtpDialect {
     framer: LineFramer,
     upstream_caps: Arc<[String]>,
-    opts: SessionOptions,
-    state: State,
-    failures: FailureCount,
     /// The client's EHLO/HELO argument, reused for the upstream EHLO.
     client_name: Option<String>,
 }
 
-enum State {
-    Commands,
-    Sasl { exchange: ServerExchange },
-    Authenticating,
-    Done,
-}
-
-impl SmtpServer {
-    /// `upstream_caps` are the upstream's EHLO keywords (after its STARTTLS).
-    pub fn new(upstream_caps: Arc<[String]>, opts: SessionOptions) -> Self {
-        SmtpServer {
-            framer: LineFramer::new(opts.max_line),
-            failures: FailureCount::new(opts.max_auth_failures),
-            upstream_caps,
-            opts,
-            state: State::Commands,
-            client_name: None,
-        }
-    }
-
-    fn login(&mut self, credentials: Credentials) -> Next {
-        self.state = State::Authenticating;
-        Next::Authenticate(LoginRequest { credentials, client_name: self.client_name.clone() })
-    }
-
-    fn ehlo_reply(&self, out: &mut Vec<u8>) {
-        let caps = preauth_capabilities(&self.upstream_caps, &self.opts);
+impl SmtpDialect {
+    fn ehlo_reply(&self, opts: &SessionOptions, out: &mut Vec<u8>) {
+        let caps = preauth_capabilities(&self.upstream_caps, opts);
         let lines = std::iter::once(SERVER_NAME.to_string()).chain(caps);
         let lines: Vec<String> = lines.collect();
         for (i, line) in lines.iter().enumerate() {
@@ -59,7 +33,7 @@ impl SmtpServer {
         }
     }
 
-    fn command(&mut self, line: &[u8], input: &mut BytesMut, out: &mut Vec<u8>) -> Option<Next> {
+    fn command(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request {
         let (verb, args) = split_verb(line);
         match verb.as_slice() {
             b"EHLO" | b"HELO" => {
@@ -67,63 +41,33 @@ impl SmtpServer {
                 let name = std::str::from_utf8(name).ok().filter(|n| valid_client_name(n));
                 let Some(name) = name else {
                     out.extend_from_slice(b"501 5.5.4 Syntax: EHLO hostname\r\n");
-                    return None;
+                    return Request::Answered;
                 };
                 self.client_name = Some(name.to_string());
                 if verb == b"EHLO" {
-                    self.ehlo_reply(out);
+                    self.ehlo_reply(opts, out);
                 } else {
                     out.extend_from_slice(format!("250 {SERVER_NAME}\r\n").as_bytes());
                 }
+                Request::Answered
             }
-            b"AUTH" => {
-                if let Some(refusal) = self.opts.auth_refusal() {
-                    out.extend_from_slice(reply::smtp(refusal));
-                    return None;
-                }
-                let (mechanism, initial) = match args.iter().position(|&b| b == b' ') {
-                    Some(at) => (&args[..at], Some(&args[at + 1..])),
-                    None => (args, None),
-                };
-                let Some(mechanism) = Mechanism::parse(mechanism) else {
-                    out.extend_from_slice(reply::smtp(Failure::UnsupportedMechanism));
-                    return None;
-                };
-                match ServerExchange::start(mechanism, initial) {
-                    Ok((exchange, Step::Challenge(challenge))) => {
-                        sasl_challenge(b"334 ", challenge, out);
-                        self.state = State::Sasl { exchange };
-                    }
-                    Ok((_, Step::Done(credentials))) => return Some(self.login(credentials)),
-                    Err(e) => out.extend_from_slice(reply::smtp(sasl_failure(e))),
-                }
+            b"AUTH" => auth_arguments(args),
+            b"STARTTLS" => Request::StartTls,
+            b"NOOP" | b"RSET" => {
+                out.extend_from_slice(b"250 2.0.0 OK\r\n");
+                Request::Answered
             }
-            b"STARTTLS" => {
-                if !self.opts.offer_starttls() {
-                    out.extend_from_slice(reply::smtp(Failure::StartTlsUnavailable));
-                } else if !input.is_empty() {
-                    input.clear();
-                    out.extend_from_slice(reply::smtp(Failure::StartTlsInjection));
-                    self.state = State::Done;
-                    return Some(Next::Close);
-                } else {
-                    out.extend_from_slice(b"220 2.0.0 Ready to start TLS\r\n");
-                    return Some(Next::StartTls);
-                }
+            b"HELP" => {
+                out.extend_from_slice(b"214 2.0.0 Authenticate with AUTH PLAIN or AUTH LOGIN\r\n");
+                Request::Answered
             }
-            b"NOOP" | b"RSET" => out.extend_from_slice(b"250 2.0.0 OK\r\n"),
-            b"HELP" => out.extend_from_slice(b"214 2.0.0 Authenticate with AUTH PLAIN or AUTH LOGIN\r\n"),
             b"QUIT" => {
                 out.extend_from_slice(b"221 2.0.0 Bye\r\n");
-                self.state = State::Done;
-                return Some(Next::Close);
+                Request::Close
             }
-            b"MAIL" | b"RCPT" | b"DATA" | b"BDAT" | b"VRFY" | b"EXPN" | b"ETRN" => {
-                out.extend_from_slice(reply::smtp(Failure::AuthFirst))
-            }
-            _ => out.extend_from_slice(reply::smtp(Failure::Syntax)),
+            b"MAIL" | b"RCPT" | b"DATA" | b"BDAT" | b"VRFY" | b"EXPN" | b"ETRN" => Request::Refused(Failure::AuthFirst),
+            _ => Request::Refused(Failure::Syntax),
         }
-        None
     }
 }
 
@@ -133,76 +77,51 @@ fn valid_client_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
-impl PreAuth for SmtpServer {
+impl Dialect for SmtpDialect {
     type Success = SmtpSuccess;
+    const CHALLENGE: &'static [u8] = b"334 ";
 
-    fn greeting(&mut self, out: &mut Vec<u8>) {
+    fn new(upstream_caps: Arc<[String]>, opts: &SessionOptions) -> Self {
+        SmtpDialect { framer: LineFramer::new(opts.max_line), upstream_caps, client_name: None }
+    }
+
+    fn greeting(&self, _opts: &SessionOptions, out: &mut Vec<u8>) {
         out.extend_from_slice(format!("220 {SERVER_NAME} ESMTP ready\r\n").as_bytes());
     }
 
-    fn handle(&mut self, input: &mut BytesMut, out: &mut Vec<u8>) -> Next {
-        loop {
-            if matches!(self.state, State::Authenticating | State::Done) {
-                return Next::Read;
-            }
-            let line = match self.framer.next_line(input) {
-                Ok(Some(line)) => line,
-                Ok(None) => return Next::Read,
-                Err(LineError::TooLong) => {
-                    out.extend_from_slice(reply::smtp(Failure::LineTooLong));
-                    self.state = State::Commands;
-                    continue;
-                }
-            };
-            match &mut self.state {
-                State::Sasl { exchange } => match exchange.respond(&line) {
-                    Ok(Step::Challenge(challenge)) => sasl_challenge(b"334 ", challenge, out),
-                    Ok(Step::Done(credentials)) => return self.login(credentials),
-                    Err(e) => {
-                        out.extend_from_slice(reply::smtp(sasl_failure(e)));
-                        self.state = State::Commands;
-                    }
-                },
-                _ => {
-                    if let Some(next) = self.command(&line, input, out) {
-                        return next;
-                    }
-                }
-            }
-        }
+    fn next(&mut self, input: &mut BytesMut, opts: &SessionOptions, out: &mut Vec<u8>) -> Option<Tagged> {
+        let request = match self.framer.next_line(input) {
+            Ok(Some(line)) => self.command(&line, opts, out),
+            Ok(None) => return None,
+            Err(LineError::TooLong) => Request::Refused(Failure::LineTooLong),
+        };
+        Some(Tagged::untagged(request))
     }
 
-    fn auth_failed(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
-        self.state = State::Commands;
+    fn line(&mut self, input: &mut BytesMut) -> Result<Option<BytesMut>, LineError> {
+        self.framer.next_line(input)
+    }
+
+    fn failure(failure: Failure, _tag: Option<&str>, out: &mut Vec<u8>) {
         out.extend_from_slice(reply::smtp(failure));
-        if failure.closes_session() {
-            self.state = State::Done;
-            return Next::Close;
-        }
-        if failure == Failure::AuthFailed && self.failures.exhausted_after_one_more() {
-            out.extend_from_slice(reply::smtp(Failure::TooManyFailures));
-            self.state = State::Done;
-            return Next::Close;
-        }
-        Next::Read
     }
 
-    fn auth_succeeded(&mut self, success: &SmtpSuccess, out: &mut Vec<u8>) {
+    fn starttls_go_ahead(_tag: Option<&str>, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"220 2.0.0 Ready to start TLS\r\n");
+    }
+
+    fn succeeded(&self, success: &SmtpSuccess, _tag: Option<&str>, out: &mut Vec<u8>) {
         out.extend_from_slice(&success.reply.to_wire());
-        self.state = State::Done;
     }
 
-    fn tls_started(&mut self) {
+    fn client_name(&self) -> Option<String> {
+        self.client_name.clone()
+    }
+
+    fn reset(&mut self, opts: &SessionOptions) {
         // RFC 3207: after the handshake the client starts over with EHLO.
-        self.opts.tls_active = true;
-        self.state = State::Commands;
         self.client_name = None;
-        self.framer = LineFramer::new(self.opts.max_line);
-    }
-
-    fn abort(&mut self, failure: Failure, out: &mut Vec<u8>) {
-        out.extend_from_slice(reply::smtp(failure));
-        self.state = State::Done;
+        self.framer = LineFramer::new(opts.max_line);
     }
 }
 
@@ -211,6 +130,7 @@ mod tests {
     use super::*;
     use crate::protocol::smtp::Reply;
     use crate::protocol::testing::{drive, plain_options, Outcome};
+    use crate::protocol::Next;
 
     fn server() -> SmtpServer {
         let caps: Vec<String> = ["SIZE 1000", "PIPELINING", "AUTH XOAUTH2", "STARTTLS"].map(String::from).to_vec();
