@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod preflight;
 pub mod protocol;
 pub mod sasl;
 pub mod secret;

@@ -11,14 +11,6 @@ pub async fn run(config_path: &Path, online: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(tls) = &config.tls {
-        if config.listeners.iter().any(|l| l.local_tls != LocalTls::None) {
-            if let Err(e) = crate::tls::server_config(&tls.cert_file, &tls.key_file) {
-                eprintln!("{}: tls: {e}", config.source.display());
-                return ExitCode::from(super::EXIT_CONFIG);
-            }
-        }
-    }
     summarize(&config);
     if !online {
         return ExitCode::SUCCESS;

@@ -14,9 +14,11 @@ use std::process::ExitCode;
 /// Exit status for a configuration that does not load.
 pub const EXIT_CONFIG: u8 = 2;
 
-/// Loads the config or prints every problem and returns the exit code.
+/// Loads the config and checks the files it names, or prints every
+/// problem and returns the exit code.
 pub fn load_config(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    let config = Config::load(path).and_then(|config| crate::preflight::check(&config).map(|()| config));
+    config.map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(EXIT_CONFIG)
     })

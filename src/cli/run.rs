@@ -35,7 +35,9 @@ pub async fn run(config_path: &Path) -> ExitCode {
     let reload_task = tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
         while hup.recv().await.is_some() {
-            let config = match crate::config::Config::load(&path) {
+            let loaded =
+                crate::config::Config::load(&path).and_then(|config| crate::preflight::check(&config).map(|()| config));
+            let config = match loaded {
                 Ok(c) => c,
                 Err(e) => {
                     error!("SIGHUP: the configuration has errors; keeping the current one:\n{e}");

@@ -6,6 +6,7 @@
 
 pub mod cidr;
 pub mod expand;
+pub mod keys;
 pub mod raw;
 mod validate;
 

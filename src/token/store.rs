@@ -10,6 +10,7 @@
 //! Nothing here ever deletes a token file: a wrong key or a damaged file is
 //! reported, and the file is left for the admin.
 
+use crate::config::keys::{parse_store_key, KeyError, STORE_KEY_LEN};
 use crate::config::{TokenStoreConfig, TokenStoreKey};
 use crate::secret::Secret;
 use base64::Engine;
@@ -23,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MAGIC: &[u8; 6] = b"X2PTS1";
-const KEY_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,7 +34,11 @@ pub enum StoreError {
     #[error("{path}: not a token file ({reason}); the file was left untouched")]
     Corrupt { path: PathBuf, reason: String },
     #[error("token_store key: {0}")]
-    BadKey(String),
+    BadKey(#[from] KeyError),
+    #[error("{path}: {source}")]
+    BadKeyFile { path: PathBuf, source: KeyError },
+    #[error("token store: {0}")]
+    Crypto(&'static str),
     #[error("{path}: still locked by another process after {waited:?}")]
     LockTimeout { path: PathBuf, waited: Duration },
     #[error(transparent)]
@@ -90,21 +94,6 @@ impl StoredTokens {
     }
 }
 
-/// Parses a store key: 32 bytes, base64-encoded.
-pub fn parse_key(text: &str) -> Result<Secret<Vec<u8>>, StoreError> {
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .map(Secret::new)
-        .map_err(|_| StoreError::BadKey("not base64; generate one with `head -c 32 /dev/urandom | base64`".into()))?;
-    if key.expose().len() != KEY_LEN {
-        return Err(StoreError::BadKey(format!(
-            "{} bytes after base64 decoding, 32 needed; generate one with `head -c 32 /dev/urandom | base64`",
-            key.expose().len()
-        )));
-    }
-    Ok(key)
-}
-
 pub struct TokenStore {
     dir: PathBuf,
     key: LessSafeKey,
@@ -123,11 +112,10 @@ impl TokenStore {
         let _ = std::fs::set_permissions(&config.path, std::fs::Permissions::from_mode(0o700));
         let rng = SystemRandom::new();
         let key = match &config.key {
-            TokenStoreKey::Inline(text) => parse_key(text.expose())?,
+            TokenStoreKey::Inline(text) => parse_store_key(text.expose())?,
             TokenStoreKey::File(path) => load_or_create_key(path, &rng)?,
         };
-        let unbound =
-            UnboundKey::new(&AES_256_GCM, key.expose()).map_err(|_| StoreError::BadKey("unusable key".into()))?;
+        let unbound = UnboundKey::new(&AES_256_GCM, key.expose()).map_err(|_| StoreError::Crypto("unusable key"))?;
         Ok(TokenStore { dir: config.path.clone(), key: LessSafeKey::new(unbound), rng })
     }
 
@@ -175,14 +163,14 @@ impl TokenStore {
                 .map_err(|e| StoreError::Corrupt { path: path.clone(), reason: e.to_string() })?,
         );
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).map_err(|_| StoreError::BadKey("no randomness available".into()))?;
+        self.rng.fill(&mut nonce).map_err(|_| StoreError::Crypto("no randomness available"))?;
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(Self::aad(&tokens.identity, &tokens.account)),
                 plain.expose_mut(),
             )
-            .map_err(|_| StoreError::BadKey("encryption failed".into()))?;
+            .map_err(|_| StoreError::Crypto("encryption failed"))?;
         let mut data = Vec::with_capacity(MAGIC.len() + NONCE_LEN + plain.expose().len());
         data.extend_from_slice(MAGIC);
         data.extend_from_slice(&nonce);
@@ -236,11 +224,11 @@ fn load_or_create_key(path: &Path, rng: &SystemRandom) -> Result<Secret<Vec<u8>>
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let text = Secret::new(text);
-            parse_key(text.expose()).map_err(|e| StoreError::BadKey(format!("{}: {e}", path.display())))
+            parse_store_key(text.expose()).map_err(|source| StoreError::BadKeyFile { path: path.to_path_buf(), source })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = Secret::new(vec![0u8; KEY_LEN]);
-            rng.fill(key.expose_mut()).map_err(|_| StoreError::BadKey("no randomness available".into()))?;
+            let mut key = Secret::new(vec![0u8; STORE_KEY_LEN]);
+            rng.fill(key.expose_mut()).map_err(|_| StoreError::Crypto("no randomness available"))?;
             let text = Secret::new(format!("{}\n", base64::engine::general_purpose::STANDARD.encode(key.expose())));
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -332,13 +320,6 @@ mod tests {
         std::fs::write(&path, b"garbage").unwrap();
         assert!(matches!(a.load("contoso", "printer"), Err(StoreError::Corrupt { .. })));
         assert!(path.exists());
-    }
-
-    #[test]
-    fn bad_keys_are_explained() {
-        assert!(parse_key("not base64!").unwrap_err().to_string().contains("head -c 32 /dev/urandom | base64"));
-        assert!(parse_key("c2hvcnQ=").unwrap_err().to_string().contains("32 needed"));
-        assert!(parse_key(&base64::engine::general_purpose::STANDARD.encode([0u8; 32])).is_ok());
     }
 
     #[test]

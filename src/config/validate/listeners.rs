@@ -1,0 +1,140 @@
+//! `listeners[]`: addresses, TLS modes, limits and who may connect.
+
+use super::{parse_host_port, Ctx};
+use crate::config::cidr::Cidr;
+use crate::config::raw::{LocalTls, RawListener, UpstreamTls};
+use crate::config::{Limits, ListenerConfig};
+use crate::protocol::Protocol;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+pub(super) fn validate(raw: Vec<RawListener>, have_certificate: bool, cx: &mut Ctx) -> Vec<ListenerConfig> {
+    if raw.is_empty() {
+        cx.add("listeners", "at least one listener is required");
+    }
+    let mut names = HashSet::new();
+    let mut binds = HashSet::new();
+    let mut listeners = Vec::new();
+    for (i, l) in raw.into_iter().enumerate() {
+        let at = |key: &str| format!("listeners[{i}].{key}");
+        if l.name.trim().is_empty() {
+            cx.add(at("name"), "must not be empty");
+        } else if !names.insert(l.name.clone()) {
+            cx.add(at("name"), format!("duplicate listener name {:?}", l.name));
+        }
+        let bind = match l.bind.parse::<SocketAddr>() {
+            Ok(addr) => {
+                // Port 0 asks the OS for any free port: never a clash.
+                if addr.port() != 0 && !binds.insert(addr) {
+                    cx.add(at("bind"), format!("{addr} is already used by another listener"));
+                }
+                Some(addr)
+            }
+            Err(_) => {
+                cx.add(
+                    at("bind"),
+                    format!("{:?} is not an IP address and port, e.g. 127.0.0.1:1587 or [::1]:1143", l.bind),
+                );
+                None
+            }
+        };
+        let upstream = match parse_host_port(&l.upstream) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                cx.add(at("upstream"), e);
+                None
+            }
+        };
+        let local_tls = l.local_tls.unwrap_or(LocalTls::None);
+        if local_tls != LocalTls::None && !have_certificate {
+            cx.add(at("local_tls"), "local TLS needs a certificate: set tls.cert_file and tls.key_file");
+        }
+        let require_tls = l.require_tls.unwrap_or(false);
+        if require_tls && local_tls == LocalTls::None {
+            cx.add(at("require_tls"), "require_tls needs local_tls: starttls or implicit");
+        }
+        let upstream_tls = l.upstream_tls.unwrap_or(match l.protocol {
+            Protocol::Smtp => UpstreamTls::Starttls,
+            Protocol::Imap | Protocol::Pop3 => UpstreamTls::Implicit,
+        });
+        let allow_plaintext = l.allow_plaintext_auth.unwrap_or(false);
+        let loopback = bind.is_some_and(|b| b.ip().is_loopback());
+        let plaintext_allowed = loopback || allow_plaintext;
+        if let Some(bind) = bind {
+            if !plaintext_allowed && local_tls == LocalTls::None {
+                cx.warnings.push(format!(
+                    "listener {:?} binds {bind}, which is not loopback, without local TLS: logins are refused \
+                     because passwords would cross the network in the clear; set local_tls, or \
+                     allow_plaintext_auth: true if the network is trusted",
+                    l.name
+                ));
+            } else if !plaintext_allowed && local_tls == LocalTls::Starttls && !require_tls {
+                cx.warnings.push(format!(
+                    "listener {:?} binds {bind}, which is not loopback: clients must use STARTTLS before logging in",
+                    l.name
+                ));
+            }
+        }
+        let limits = limits(&l, &at, cx);
+        let mut allow_from = Vec::new();
+        for (j, range) in l.allow_from.iter().flatten().enumerate() {
+            match range.parse::<Cidr>() {
+                Ok(c) => allow_from.push(c),
+                Err(e) => cx.add(format!("listeners[{i}].allow_from[{j}]"), e),
+            }
+        }
+        if l.allow_from.as_ref().is_some_and(|a| a.is_empty()) {
+            cx.add(at("allow_from"), "an empty list would refuse every client; remove the key to allow all");
+        }
+        if let (Some(bind), Some(upstream)) = (bind, upstream) {
+            listeners.push(ListenerConfig {
+                name: l.name,
+                protocol: l.protocol,
+                bind,
+                local_tls,
+                upstream,
+                upstream_tls,
+                require_tls,
+                plaintext_allowed,
+                allow_from,
+                limits,
+            });
+        }
+    }
+    listeners
+}
+
+fn limits(l: &RawListener, at: &dyn Fn(&str) -> String, cx: &mut Ctx) -> Limits {
+    let limits = Limits {
+        max_line_length: l.max_line_length.unwrap_or(Limits::DEFAULT_MAX_LINE_LENGTH),
+        max_auth_failures: l.max_auth_failures.unwrap_or(Limits::DEFAULT_MAX_AUTH_FAILURES),
+        preauth_timeout: l.preauth_timeout.map_or(Limits::DEFAULT_PREAUTH_TIMEOUT, |d| d.0),
+        idle_timeout: l.idle_timeout.map_or(Limits::DEFAULT_IDLE_TIMEOUT, |d| d.0),
+        upstream_timeout: l.upstream_timeout.map_or(Limits::DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
+        max_connections: l.max_connections.unwrap_or(Limits::DEFAULT_MAX_CONNECTIONS),
+        max_connections_per_ip: l.max_connections_per_ip.unwrap_or(Limits::DEFAULT_MAX_CONNECTIONS_PER_IP),
+    };
+    for (key, n) in
+        [("max_connections", limits.max_connections), ("max_connections_per_ip", limits.max_connections_per_ip)]
+    {
+        if n == 0 {
+            cx.add(at(key), "must be at least 1");
+        }
+    }
+    if !(512..=1 << 20).contains(&limits.max_line_length) {
+        cx.add(at("max_line_length"), "must be between 512 and 1048576 bytes");
+    }
+    if limits.max_auth_failures == 0 {
+        cx.add(at("max_auth_failures"), "must be at least 1");
+    }
+    for (key, d) in [
+        ("preauth_timeout", limits.preauth_timeout),
+        ("idle_timeout", limits.idle_timeout),
+        ("upstream_timeout", limits.upstream_timeout),
+    ] {
+        if d.is_zero() {
+            cx.add(at(key), "must be longer than zero");
+        }
+    }
+    limits
+}

@@ -1,0 +1,160 @@
+//! From the raw file to a typed [`Config`], collecting every problem with
+//! its key path. One submodule per section; nothing here reads the disk
+//! (that is `crate::preflight`'s job, after validation).
+
+mod accounts;
+mod identities;
+mod listeners;
+
+use super::raw::{self, RawConfig};
+use super::{
+    Config, LogConfig, LoginThrottle, Problem, TlsFiles, TokenStoreConfig, TokenStoreKey, UpstreamAddr,
+    DEFAULT_MAX_SESSIONS_PER_MAILBOX, DEFAULT_SHUTDOWN_TIMEOUT,
+};
+use crate::secret::Secret;
+use std::path::{Path, PathBuf};
+
+/// What every section's validation shares: where problems and warnings go,
+/// and the directory relative file names are resolved against.
+struct Ctx<'a> {
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+    base: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem { path: path.into(), message: message.into() });
+    }
+
+    fn resolve(&self, s: &str) -> PathBuf {
+        let path = Path::new(s);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base.join(path)
+        }
+    }
+}
+
+pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Vec<Problem>> {
+    let mut cx = Ctx { problems: Vec::new(), warnings: Vec::new(), base };
+    let tls = raw.tls.map(|t| TlsFiles { cert_file: cx.resolve(&t.cert_file), key_file: cx.resolve(&t.key_file) });
+    let upstream_ca_file = raw.upstream_ca_file.as_deref().map(|f| cx.resolve(f));
+    let listeners = listeners::validate(raw.listeners, tls.is_some(), &mut cx);
+    let identities = identities::validate(raw.identities, raw.token_store.is_some(), &mut cx);
+    let accounts = accounts::validate(raw.accounts, &identities, &mut cx);
+    let token_store = raw.token_store.map(|s| token_store(s, &mut cx));
+    if let Some(hook) = &raw.on_reauth_required {
+        if hook.trim().is_empty() {
+            cx.add("on_reauth_required", "must not be empty (remove the key to run nothing)");
+        }
+    }
+    let max_sessions_per_mailbox = raw.max_sessions_per_mailbox.unwrap_or(DEFAULT_MAX_SESSIONS_PER_MAILBOX);
+    if max_sessions_per_mailbox == 0 {
+        cx.add("max_sessions_per_mailbox", "must be at least 1");
+    }
+    let login_throttle = login_throttle(raw.login_throttle, &mut cx);
+    let log = LogConfig {
+        level: raw.log.level.unwrap_or(raw::LogLevel::Info),
+        format: raw.log.format.unwrap_or(raw::LogFormat::Text),
+    };
+    if !cx.problems.is_empty() {
+        return Err(cx.problems);
+    }
+    Ok(Config {
+        source: source.to_path_buf(),
+        listeners,
+        upstream_ca_file,
+        tls,
+        identities,
+        accounts,
+        token_store,
+        log,
+        shutdown_timeout: raw.shutdown_timeout.map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
+        on_reauth_required: raw.on_reauth_required,
+        max_sessions_per_mailbox,
+        login_throttle,
+        warnings: cx.warnings,
+    })
+}
+
+fn token_store(s: raw::RawTokenStore, cx: &mut Ctx) -> TokenStoreConfig {
+    if s.key_file.is_some() && s.key.is_some() {
+        cx.add("token_store.key", "set either key_file or key, not both");
+    }
+    let key = match (s.key_file, s.key) {
+        (_, Some(key)) => {
+            if let Err(e) = super::keys::parse_store_key(&key) {
+                cx.add("token_store.key", e.to_string());
+            }
+            TokenStoreKey::Inline(Secret::new(key))
+        }
+        (Some(file), None) => TokenStoreKey::File(cx.resolve(&file)),
+        (None, None) => TokenStoreKey::File(cx.resolve(&s.path).join("key")),
+    };
+    if s.path.trim().is_empty() {
+        cx.add("token_store.path", "must not be empty");
+    }
+    TokenStoreConfig { path: cx.resolve(&s.path), key }
+}
+
+fn login_throttle(raw: Option<raw::RawLoginThrottle>, cx: &mut Ctx) -> LoginThrottle {
+    let defaults = LoginThrottle::default();
+    let throttle = match raw {
+        None => defaults,
+        Some(t) => LoginThrottle {
+            free_failures: t.free_failures.unwrap_or(defaults.free_failures),
+            initial_delay: t.initial_delay.map_or(defaults.initial_delay, |d| d.0),
+            max_delay: t.max_delay.map_or(defaults.max_delay, |d| d.0),
+            forget_after: t.forget_after.map_or(defaults.forget_after, |d| d.0),
+        },
+    };
+    if throttle.max_delay < throttle.initial_delay {
+        cx.add("login_throttle.max_delay", "must not be shorter than initial_delay");
+    }
+    throttle
+}
+
+fn list_or_none(items: &[&str]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// `host:port` or `[v6]:port`.
+pub(crate) fn parse_host_port(s: &str) -> Result<UpstreamAddr, String> {
+    let bad = || format!("{s:?} is not host:port, e.g. outlook.office365.com:993");
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
+        (host, port)
+    } else {
+        s.rsplit_once(':').ok_or_else(bad)?
+    };
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains(char::is_whitespace) || (host.contains(':') && !s.starts_with('['))
+    {
+        return Err(bad());
+    }
+    Ok(UpstreamAddr { host: host.to_string(), port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(
+            parse_host_port("outlook.office365.com:993"),
+            Ok(UpstreamAddr { host: "outlook.office365.com".into(), port: 993 })
+        );
+        assert_eq!(parse_host_port("[::1]:143"), Ok(UpstreamAddr { host: "::1".into(), port: 143 }));
+        assert_eq!(parse_host_port("127.0.0.1:25").map(|u| u.to_string()), Ok("127.0.0.1:25".into()));
+        for bad in ["host", "host:", ":25", "host:0", "host:99999", "::1:25", "a b:25", "[::1]25"] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+    }
+}
