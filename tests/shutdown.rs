@@ -101,3 +101,44 @@ async fn sigterm_stops_the_binary() {
     let log: Vec<String> = rx.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("SIGTERM received")), "{log:?}");
 }
+
+/// The deadline is hard for every phase: a login stuck in an upstream that
+/// stopped answering, and a capability probe that never gets a greeting,
+/// are cut at `shutdown_timeout`, not at the (longer) upstream timeout.
+#[tokio::test]
+async fn the_deadline_cuts_logins_and_probes_that_hang_upstream() {
+    let mut imap = testkit::UpstreamOptions::new(testkit::Proto::Imap);
+    imap.stall = Some(testkit::Stall::Auth);
+    let mut pop3 = testkit::UpstreamOptions::new(testkit::Proto::Pop3);
+    pop3.stall = Some(testkit::Stall::Greeting);
+    let mut h = Harness::with(Options {
+        imap,
+        pop3,
+        shutdown_timeout: "1s",
+        listener_extra: vec!["upstream_timeout: 60s".into()],
+        ..Options::default()
+    })
+    .await;
+    let mut login = h.connect("imap").await;
+    login.expect("* OK").await;
+    login.send(format!("a LOGIN app {APP_PASSWORD}\r\n")).await;
+    // The proxy's login reaches the upstream, which goes silent.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.imap.connections() < 2 {
+        assert!(Instant::now() < deadline, "the login never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut probing = h.connect("pop3").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let proxy = h.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), proxy).await.expect("the proxy did not stop").unwrap();
+    let took = started.elapsed();
+    // Well before the 2 s grace the proxy allows after the deadline: the
+    // sessions themselves stopped at the deadline.
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(1800), "{took:?}");
+    assert!(login.until("* BYE").await.last().unwrap().contains("shutting down"));
+    assert!(login.closed().await);
+    assert!(probing.closed().await);
+}

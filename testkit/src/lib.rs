@@ -15,4 +15,4 @@ pub mod upstream;
 pub use certs::TestPki;
 pub use mailbox::Mailbox;
 pub use token::{DeviceOutcome, Fault, TokenServer};
-pub use upstream::{AfterAuth, FakeUpstream, Proto, UpstreamOptions, UpstreamTls};
+pub use upstream::{AfterAuth, FakeUpstream, Proto, Stall, UpstreamOptions, UpstreamTls};

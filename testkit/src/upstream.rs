@@ -48,6 +48,17 @@ pub struct UpstreamOptions {
     pub sasl_ir: bool,
     /// Send bytes right after the STARTTLS go-ahead, as a man in the middle would.
     pub inject_after_starttls: bool,
+    /// Stop answering at this point, keeping the connection open.
+    pub stall: Option<Stall>,
+}
+
+/// Where a fake upstream goes silent (a hung server, a black-holed network).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// Accept the connection, never greet.
+    Greeting,
+    /// Read the XOAUTH2 response, never answer it.
+    Auth,
 }
 
 impl UpstreamOptions {
@@ -60,6 +71,7 @@ impl UpstreamOptions {
             greeting_capabilities: false,
             sasl_ir: true,
             inject_after_starttls: false,
+            stall: None,
         }
     }
 }
@@ -208,6 +220,13 @@ impl<S: Io> Wire<S> {
         self.s.write_all(data.as_ref()).await.ok()?;
         self.s.flush().await.ok()
     }
+
+    /// Says nothing more; returns (None) only when the peer hangs up.
+    async fn stall(&mut self) -> Option<Vec<u8>> {
+        let mut chunk = [0u8; 1024];
+        while matches!(self.s.read(&mut chunk).await, Ok(n) if n > 0) {}
+        None
+    }
 }
 
 enum Phase {
@@ -249,6 +268,10 @@ impl Shared {
 
 async fn connection(shared: Arc<Shared>, tcp: TcpStream) {
     shared.connections.fetch_add(1, Ordering::SeqCst);
+    if shared.opts.stall == Some(Stall::Greeting) {
+        Wire::new(tcp).stall().await;
+        return;
+    }
     // Small request/response lines: without this, Nagle and delayed ACKs add 40 ms per exchange.
     let _ = tcp.set_nodelay(true);
     match shared.opts.tls {
@@ -342,6 +365,9 @@ async fn imap_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                     continue;
                 }
                 let response = w.sasl_response(initial, "+ \r\n").await?;
+                if sh.opts.stall == Some(Stall::Auth) {
+                    w.stall().await?;
+                }
                 match sh.check(&response) {
                     Ok(_) => {
                         w.send(format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE UIDPLUS MOVE AUTH=XOAUTH2] AUTHENTICATE completed.\r\n")).await?;
@@ -393,6 +419,9 @@ async fn pop3_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
             "AUTH" if !starttls_pending && args.eq_ignore_ascii_case(b"XOAUTH2") => {
                 w.send("+ \r\n").await?;
                 let response = w.line().await?;
+                if sh.opts.stall == Some(Stall::Auth) {
+                    w.stall().await?;
+                }
                 match sh.check(&response) {
                     Ok(_) => {
                         w.send("+OK User successfully authenticated.\r\n").await?;
@@ -457,6 +486,9 @@ async fn smtp_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                     continue;
                 }
                 let response = w.sasl_response(initial, "334 \r\n").await?;
+                if sh.opts.stall == Some(Stall::Auth) {
+                    w.stall().await?;
+                }
                 match sh.check(&response) {
                     Ok(_) => {
                         w.send("235 2.7.0 Authentication successful\r\n").await?;
