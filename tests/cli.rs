@@ -1,5 +1,7 @@
 //! The small commands: `gen-cert` makes a certificate clients can trust and a
 //! key only the proxy can read; `hash-password` makes a hash logins verify against.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

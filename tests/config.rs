@@ -1,6 +1,8 @@
 //! The configuration contract: the shipped example parses, every invalid
 //! fixture fails with a message naming the file, the key and the problem, and
 //! `xoauth2-proxy check` reports the same with a non-zero exit status.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

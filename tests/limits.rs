@@ -1,5 +1,7 @@
 //! Limits: line length, the pre-auth timeout (paused clock), connections per
 //! listener and per address, sessions per mailbox, and delays after failures.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

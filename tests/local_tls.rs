@@ -1,6 +1,8 @@
 //! TLS towards local clients: implicit TLS and STARTTLS on each protocol,
 //! the STARTTLS injection defence, `require_tls`, plain-text refusal on a
 //! non-loopback listener, `allow_from`, and certificate reload on SIGHUP.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -1,5 +1,7 @@
 //! POP3 through the proxy: USER/PASS, AUTH PLAIN inline and continued,
 //! AUTH LOGIN, CAPA rewriting, and each row of the error table.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -1,5 +1,7 @@
 //! After authentication: large payloads byte-exact both ways, pipelined
 //! bytes right after the login, half-close, and the idle timeout.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

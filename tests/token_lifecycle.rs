@@ -2,6 +2,8 @@
 //! credentials, refresh tokens with rotation, device code login, the encrypted
 //! store shared by the proxy and the `token` command, endpoint outages, and
 //! re-authorisation after `invalid_grant`.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -1,5 +1,7 @@
 //! Token handling seen from clients: one request shared by concurrent logins,
 //! reuse across sessions, and a fresh token after the upstream refuses one.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -2,7 +2,7 @@
 //!
 //! Loading is three steps: YAML into a generic tree, `${VAR}` expansion of
 //! string values, then typed deserialization ([`raw`]) and validation
-//! ([`validate`]). Every problem names the file, the key path and what is wrong.
+//! (`validate`). Every problem names the file, the key path and what is wrong.
 
 pub mod cidr;
 pub mod expand;

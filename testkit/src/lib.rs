@@ -5,6 +5,10 @@
 //! Deliberately independent of the proxy's own code: the fakes decode XOAUTH2
 //! and speak the protocols with their own (simple) implementations, so a bug in
 //! the proxy cannot be mirrored by the thing that checks it.
+//!
+//! A test double that cannot do its job must fail the test at once and
+//! loudly, so here (unlike in the proxy) panicking is the error path.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod certs;
 pub mod http;
