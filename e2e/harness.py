@@ -1,6 +1,7 @@
 """What the e2e scenarios share: the run's environment, the mock's control API, the SMTP
 sink's store, test messages, the stock Python mail clients pointed at the proxy, curl,
-and the table of answers a client must see when a login fails.
+a raw line client for the quirks stock clients do not produce, the site relay (Postfix)
+and mbsync, and the table of answers a client must see when a login fails.
 """
 
 import base64
@@ -11,6 +12,7 @@ import poplib
 import re
 import secrets
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -63,6 +65,8 @@ class Env:
     proxy_bin: str
     proxy_config: str
     token_store: Path
+    postfix_config: str
+    mbsync_dir: Path
 
     @classmethod
     def load(cls, path: str) -> "Env":
@@ -70,7 +74,8 @@ class Env:
         return cls(work=Path(raw["work"]), host=raw["host"], ports=raw["ports"], ca_file=raw["ca_file"],
                    sink_dir=Path(raw["sink_dir"]), dovecot_config=raw["dovecot_config"], logs=raw["logs"],
                    proxy_bin=raw["proxy_bin"], proxy_config=raw["proxy_config"],
-                   token_store=Path(raw["token_store"]))
+                   token_store=Path(raw["token_store"]), postfix_config=raw["postfix_config"],
+                   mbsync_dir=Path(raw["mbsync_dir"]))
 
     def proxy_command(self, *args: str) -> list[str]:
         """The proxy binary with this run's config, for `login` and `token`."""
@@ -172,11 +177,17 @@ class Sink:
 RECEIVED = re.compile(rb"\AReceived:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 
-def without_received(data: bytes) -> bytes:
-    """Dovecot's submission service prepends exactly one (folded) Received: header."""
+def without_received(data: bytes, by: str = "Dovecot") -> bytes:
+    """Dovecot's submission service prepends exactly one (folded) Received: header (and
+    so does each relay before it, such as Postfix)."""
     match = RECEIVED.match(data)
-    check(match, "the relayed message does not start with Dovecot's Received: header")
+    check(match, f"the relayed message does not start with {by}'s Received: header")
     return data[match.end():]
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """An SMTP DATA body (RFC 5321 4.5.2) with its end-of-data line, for raw sessions."""
+    return re.sub(rb"(?m)^\.", b"..", data) + b".\r\n"
 
 
 def sha256(data: bytes) -> str:
@@ -225,7 +236,10 @@ class Clients:
 
     def imap_login(self, account: Account) -> imaplib.IMAP4:
         client = self.imap()
-        client.login(account.username, account.password)
+        if account.password.isascii():
+            client.login(account.username, account.password)
+        else:  # imaplib sends LOGIN's arguments as ASCII; SASL PLAIN carries UTF-8 in base64
+            client.authenticate("PLAIN", lambda _: f"\0{account.username}\0{account.password}".encode())
         return client
 
     def append(self, account: Account, data: bytes) -> int:
@@ -279,6 +293,164 @@ def curl_auth_command(transcript: str) -> str:
     match = re.search(r"^> (?:A\d+ )?(AUTHENTICATE \S+|AUTH \S+|LOGIN|USER)", transcript, re.MULTILINE)
     check(match, "curl's transcript shows no authentication command")
     return match.group(1)
+
+
+# ---- a raw line client -------------------------------------------------------------
+
+class Raw:
+    """Writes exactly the bytes a scenario gives it, in one write each, and reads the
+    answers line by line: for the login quirks stock clients do not produce (HELO, AUTH
+    LOGIN with the username inline, IMAP literals, lower-case commands, UTF-8 passwords).
+    Every failure message carries the transcript so far."""
+
+    def __init__(self, env: Env, protocol: str, kind: str = ""):
+        self.sock = socket.create_connection((env.host, env.proxy_port(protocol, kind)), timeout=TIMEOUT)
+        self.file = self.sock.makefile("rb")
+        self.lines: list[str] = []
+
+    def transcript(self, last: int = 12) -> str:
+        return " | ".join(self.lines[-last:])
+
+    def send(self, data: bytes) -> None:
+        self.lines.append("C: " + data.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\\r\\n")[:200])
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        line = self.file.readline(1 << 20)
+        self.lines.append("S: " + line.decode("utf-8", "replace").rstrip("\r\n")[:200])
+        self.check(line.endswith(b"\r\n"), "the server closed the connection" if not line else "a line without CRLF")
+        return line
+
+    def check(self, condition, message: str) -> None:
+        check(condition, f"{message} (transcript: {self.transcript()})")
+
+    def expect(self, pattern: bytes, *, exact: bool = False) -> re.Match:
+        """The next line matches `pattern` (or equals it with its CRLF, if exact)."""
+        line = self.line()
+        if exact:
+            self.check(line == pattern + b"\r\n", f"expected exactly {pattern!r}, got {line!r}")
+            pattern = re.escape(pattern)
+        match = re.match(pattern, line)
+        self.check(match, f"expected {pattern!r}, got {line!r}")
+        return match
+
+    def smtp(self, command: bytes | None, code: int) -> list[bytes]:
+        """Sends `command` (if any) and reads a whole (multi-line) reply, which must have
+        `code`; returns its lines."""
+        if command is not None:
+            self.send(command + b"\r\n")
+        lines = [self.line()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.line())
+        self.check(all(line[:3] == str(code).encode() for line in lines),
+                   f"expected {code} to {command!r}, got {lines[-1]!r}")
+        return lines
+
+    def read(self, size: int) -> bytes:
+        """Exactly `size` bytes (an IMAP literal)."""
+        data = self.file.read(size)
+        self.lines.append(f"S: <{len(data)} bytes>")
+        self.check(len(data) == size, f"the server closed the connection inside a {size}-byte literal")
+        return data
+
+    def imap(self, tag: bytes, command: bytes | None = None, status: bytes = b"OK") -> list[bytes]:
+        """Sends `tag command` (if any) and reads up to the tagged answer, which must have
+        `status`; returns the lines before it (untagged answers) and, last, the tagged one."""
+        if command is not None:
+            self.send(tag + b" " + command + b"\r\n")
+        lines = []
+        while not (line := self.line()).startswith(tag + b" "):
+            lines.append(line)
+        self.check(line.rstrip(b"\r\n").split(b" ", 2)[1:2] == [status],
+                   f"expected {tag.decode()} {status.decode()}, got {line!r}")
+        return lines + [line]
+
+    def pop3(self, command: bytes | None, multiline: bool = False) -> list[bytes]:
+        """Sends `command` (if any); the answer must be +OK; returns it, and for a
+        multi-line answer its lines up to the lone dot (byte-stuffing undone)."""
+        if command is not None:
+            self.send(command + b"\r\n")
+        self.expect(rb"\+OK")
+        lines = []
+        while multiline and (line := self.line()) != b".\r\n":
+            lines.append(line[1:] if line.startswith(b".") else line)
+        return lines
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def b64(data: str | bytes) -> bytes:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data)
+
+
+# ---- the site relay: a private Postfix whose relayhost is the proxy -----------------
+
+class Postfix:
+    """Submits to the run's Postfix (plain SMTP, mynetworks may relay) and follows each
+    message through its log, which says where it went and how."""
+
+    QUEUED = re.compile(r"queued as ([0-9A-Za-z]+)")
+
+    def __init__(self, env: Env):
+        self.env = env
+        self.log = Path(env.logs["postfix"])
+
+    def submit(self, sender: str, recipients: list[str], data: bytes) -> str:
+        """Returns the queue ID Postfix gave the message."""
+        client = smtplib.SMTP(self.env.host, self.env.ports["postfix"], timeout=TIMEOUT)
+        try:
+            client.ehlo()
+            code, reply = client.mail(sender, ["BODY=8BITMIME"])
+            check(code == 250, f"Postfix refused MAIL FROM:<{sender}>: {code} {reply!r}")
+            for rcpt in recipients:
+                code, reply = client.rcpt(rcpt)
+                check(code == 250, f"Postfix refused RCPT TO:<{rcpt}>: {code} {reply!r}")
+            code, reply = client.data(data)
+            check(code == 250, f"Postfix refused the message: {code} {reply!r}")
+            client.quit()
+        finally:
+            client.close()
+        queued = self.QUEUED.search(text(reply))
+        check(queued, f"Postfix's answer names no queue ID: {reply!r}")
+        return queued.group(1)
+
+    def delivery(self, queue_id: str, recipients: int, timeout: float = 30) -> list[str]:
+        """Waits until Postfix's log says `status=sent` for each recipient of the message
+        and returns those lines; fails at once, with Postfix's reason, on a deferral or
+        a bounce (a retry must not hide a refused relay)."""
+        def outcome():
+            lines = [line for line in self.log.read_text(errors="replace").splitlines()
+                     if f" {queue_id}: to=<" in line]
+            failed = [line for line in lines if "status=sent" not in line]
+            if failed:
+                raise Failed(f"Postfix could not relay {queue_id}: {failed[0].split(': ', 1)[-1]}")
+            return lines if len(lines) >= recipients else None
+        return wait_until(outcome, timeout, f"Postfix to relay {queue_id}", interval=0.1)
+
+    def lines(self, marks: int, needle: str) -> list[str]:
+        """Log lines since byte offset `marks` that contain `needle`."""
+        with open(self.log, "rb") as f:
+            f.seek(marks)
+            return [line for line in f.read().decode("utf-8", "replace").splitlines() if needle in line]
+
+
+# ---- mbsync ---------------------------------------------------------------------------
+
+def mbsync(env: Env, channel: str) -> str:
+    """Runs mbsync with the channel's private config (world.MBSYNC); returns its output."""
+    config = env.mbsync_dir / f"{channel}.rc"
+    result = subprocess.run(["mbsync", "-c", str(config), "--verbose", channel], capture_output=True,
+                            timeout=TIMEOUT * 2, stdin=subprocess.DEVNULL)
+    output = (result.stdout + result.stderr).decode("utf-8", "replace")
+    check(result.returncode == 0, f"mbsync exited {result.returncode}: {tail(output, 8)}")
+    return output
+
+
+def maildir_messages(path: Path) -> list[bytes]:
+    """Every message in a Maildir folder (new/ and cur/), in no particular order."""
+    return [f.read_bytes() for sub in ("new", "cur") if (path / sub).is_dir() for f in sorted((path / sub).iterdir())]
 
 
 # ---- what a client sees when a login fails ---------------------------------------

@@ -8,6 +8,9 @@
 #   bash e2e/run.sh 'imap-*' ...      only the scenarios matching these globs
 #   python3 e2e/scenarios.py --list   the scenario names
 #
+# A private Postfix relays through the proxy (a site's smarthost set-up), and mbsync
+# pulls a mailbox through it.
+#
 # Environment: E2E_PROXY_BIN=path   use this binary instead of `cargo build --release`
 #              E2E_KEEP=1           keep the work directory (configs, logs, mail) afterwards
 #              E2E_DEBUG=1          debug logging in Dovecot and the proxy
@@ -16,7 +19,8 @@ set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$E2E_DIR")
 readonly E2E_DIR REPO_DIR
-readonly PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-submissiond openssl curl python3)
+readonly PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-submissiond openssl curl python3
+                  postfix libsasl2-modules isync)
 
 # The scenarios import world.py and harness.py: leave no __pycache__ in the source tree.
 export PYTHONDONTWRITEBYTECODE=1
@@ -39,7 +43,14 @@ install_missing_packages() {
   apt-get update -qq
   # Debian's postinst would start the system-wide Dovecot where an init system runs;
   # that instance is not ours and does not matter: ours has its own ports and base_dir.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Postfix is told "No configuration": its postinst then writes no /etc/postfix/main.cf,
+  # so the system-wide Postfix has nothing to start. Ours runs from its own directory.
+  if [[ " ${missing[*]} " == *" postfix "* ]]; then
+    echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
+  fi
+  # --no-remove: postfix replaces another MTA (exim4...); that is the admin's decision.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove "${missing[@]}" \
+    >/dev/null || die "apt-get could not install ${missing[*]} without removing a package (another MTA?)"
 }
 
 build_proxy() {
@@ -67,6 +78,14 @@ make_pki() {
   openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
     -days 2 -out "$dir/server.pem" -extfile <(printf '%s\n' \
       'subjectAltName=IP:127.0.0.1' 'basicConstraints=critical,CA:FALSE' \
+      'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth') 2>/dev/null
+  # The proxy's own certificate for its local_tls listeners, by the same CA, for the
+  # name Postfix checks (world.PROXY_TLS_NAME) and 127.0.0.1.
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -subj '/CN=proxy.example.test' -keyout "$dir/proxy-key.pem" -out "$dir/proxy.csr" 2>/dev/null
+  openssl x509 -req -in "$dir/proxy.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
+    -days 2 -out "$dir/proxy.pem" -extfile <(printf '%s\n' \
+      'subjectAltName=DNS:proxy.example.test,IP:127.0.0.1' 'basicConstraints=critical,CA:FALSE' \
       'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth') 2>/dev/null
 }
 
@@ -142,6 +161,21 @@ start_services() {
   for port in "$PORT_PROXY_IMAP" "$PORT_PROXY_POP3" "$PORT_PROXY_SMTP"; do
     wait_for_port "$port" xoauth2-proxy "${PIDS[-1]}" "$logs/proxy.log"
   done
+
+  start_postfix
+}
+
+# Postfix's master in the foreground with our config directory (-c): our child, stopped
+# by its pid like the rest; it stops its own daemons. `postfix check` first makes the
+# queue's subdirectories (it wants the queue itself owned by root, the data directory
+# by the postfix user) and checks the configuration.
+start_postfix() {
+  local etc=$WORK/postfix/etc logs=$WORK/logs
+  install -d -m 755 "$WORK/postfix/queue"
+  install -d -m 700 -o postfix -g postfix "$WORK/postfix/data"
+  postfix -c "$etc" check >>"$logs/postfix.log" 2>&1 || die "Postfix rejects $etc (see $logs/postfix.log)"
+  start postfix "$logs/postfix.log" "$(postconf -c "$etc" -h daemon_directory)/master" -c "$etc" -s
+  wait_for_port "$PORT_POSTFIX" postfix "${PIDS[-1]}" "$logs/postfix.log"
 }
 
 main() {

@@ -7,8 +7,9 @@ scenarios make are all derived from the tables below, so they cannot drift apart
     python3 e2e/world.py configure WORK_DIR PROXY_BIN
 
 picks free loopback ports and writes, under WORK_DIR, everything one run needs:
-mock.json, proxy.yaml, dovecot/{dovecot.conf,oauth2-*.conf.ext}, env.json (what the
-scenarios read) and ports.env (what e2e/run.sh sources).
+mock.json, proxy.yaml, dovecot/{dovecot.conf,oauth2-*.conf.ext}, postfix/{main.cf,
+master.cf,sasl_passwd,...} (the site relay), mbsync/*.rc (one per mbsync scenario),
+env.json (what the scenarios read) and ports.env (what e2e/run.sh sources).
 """
 
 import json
@@ -64,9 +65,12 @@ class Account:
     identity: str
     smtp_user: str | None = None  # XOAUTH2 user= for SMTP, when not the mailbox
     hashed: bool = False  # store an argon2 hash (from `hash-password`) instead of the password
+    secret: str | None = None  # a password of its own, instead of the generated one
 
     @property
     def password(self) -> str:
+        if self.secret is not None:
+            return self.secret
         # Spaces, quotes and a backslash: IMAP quoting and POP3's PASS (rest of the line)
         # must carry them. ASCII only, because imaplib and smtplib encode logins as ASCII.
         return f"pw-{self.username} \"quoted\" \\ 7"
@@ -110,6 +114,17 @@ ACCOUNTS = {a.username: a for a in [
     Account("burst", "burst"),
     Account("never", "never"),
     Account("delegate", "delegated"),
+    # The site relay's login (Postfix's smtp_sasl_password_maps): a password with every
+    # awkward character, as admins paste them into sasl_passwd.
+    Account("relay", "main", secret="relay ~ \"pass\" \\ wörd €"),
+    # One mailbox per mbsync scenario, so each knows exactly what INBOX holds.
+    Account("mbsync-login", "main"),
+    Account("mbsync-plain", "main"),
+    Account("mbsync-starttls", "main"),
+    # The quirk-* scenarios: `~`, `"`, `\` and runs of spaces in ASCII; the same with
+    # non-ASCII letters (UTF-8 on the wire), hashed to cover argon2 with UTF-8 input.
+    Account("quirky", "main", secret="~tilde \"quo ted\" back\\slash \\\\ two  spaces ~"),
+    Account("unicode", "main", hashed=True, secret="Pässwörd ~ \"ünï\" \\ 日本語 €"),
 ]}
 
 PROTOCOLS = {"imap": ("imaps", "implicit"), "pop3": ("pop3s", "implicit"), "smtp": ("submission", "starttls")}
@@ -119,12 +134,27 @@ def proxy_port_name(kind: str, protocol: str) -> str:
     return f"proxy_{kind}_{protocol}" if kind else f"proxy_{protocol}"
 
 
-# Three listeners per protocol, all in front of the same Dovecot: the ones most scenarios
-# use; "cold" ones that get no session before Dovecot is stopped (upstream-down); and
-# "badtls" ones that reach Dovecot as "localhost", a name its certificate does not carry.
-LISTENER_KINDS = {"": HOST, "cold": HOST, "badtls": "localhost"}
-PORT_NAMES = ["mock", "sink", "imaps", "pop3s", "submission", "closed",
+# Four listeners per protocol, all in front of the same Dovecot: the ones most scenarios
+# use; "cold" ones that get no session before Dovecot is stopped (upstream-down);
+# "badtls" ones that reach Dovecot as "localhost", a name its certificate does not carry;
+# and "starttls" ones with `local_tls: starttls` (Postfix and mbsync with STARTTLS).
+LISTENER_KINDS = {"": HOST, "cold": HOST, "badtls": "localhost", "starttls": HOST}
+LOCAL_TLS = {"starttls": "starttls"}  # kind -> local_tls, where not none
+# The name the proxy's own certificate carries (besides IP 127.0.0.1): Postfix checks
+# it with `smtp_tls_policy_maps ... secure match=`.
+PROXY_TLS_NAME = "proxy.example.test"
+PORT_NAMES = ["mock", "sink", "imaps", "pop3s", "submission", "closed", "postfix",
               *[proxy_port_name(kind, protocol) for kind in LISTENER_KINDS for protocol in PROTOCOLS]]
+
+# The site relay: senders Postfix routes to a proxy listener other than its relayhost
+# (sender_dependent_default_transport_maps), each showing one way to reach the proxy.
+# relayhost itself is the plain SMTP listener, where Postfix picks AUTH PLAIN.
+POSTFIX_ROUTES = {
+    # sender -> (master.cf transport, listener kind, smtp_tls_policy_maps entry or None)
+    f"relay-login@{DOMAIN}": ("e2e-login", "", None),
+    f"relay-starttls@{DOMAIN}": ("smtp", "starttls", f"secure match={PROXY_TLS_NAME}"),
+}
+POSTFIX_RELAYHOST_SENDER = f"relay@{DOMAIN}"
 
 
 def free_ports(count: int) -> list[int]:
@@ -168,7 +198,7 @@ def mock_config(dovecot_secret: str) -> dict:
             "dovecot_client": {"id": DOVECOT_CLIENT_ID, "secret": dovecot_secret}}
 
 
-def proxy_config(ports: dict, ca_file: Path, store: Path, proxy_bin: str, debug: bool) -> str:
+def proxy_config(ports: dict, pki: Path, store: Path, proxy_bin: str, debug: bool) -> str:
     lines = ["# xoauth2-proxy configuration for one e2e run, written by e2e/world.py.", "listeners:"]
     for kind, upstream_host in LISTENER_KINDS.items():
         for protocol, (upstream, tls) in PROTOCOLS.items():
@@ -178,7 +208,13 @@ def proxy_config(ports: dict, ca_file: Path, store: Path, proxy_bin: str, debug:
                       f"    upstream: {upstream_host}:{ports[upstream]}",
                       f"    upstream_tls: {tls}",
                       "    upstream_timeout: 10s"]
-    lines += [f"upstream_ca_file: {yaml_str(str(ca_file))}", "identities:"]
+            if kind in LOCAL_TLS:
+                lines.append(f"    local_tls: {LOCAL_TLS[kind]}")
+    lines += [f"upstream_ca_file: {yaml_str(str(pki / 'ca.pem'))}",
+              # The proxy's own certificate for local_tls, from the run's CA (run.sh).
+              "tls:", f"  cert_file: {yaml_str(str(pki / 'proxy.pem'))}",
+              f"  key_file: {yaml_str(str(pki / 'proxy-key.pem'))}",
+              "identities:"]
     for identity in IDENTITIES.values():
         port = ports["mock"] if identity.reachable else ports["closed"]
         lines += [f"  {identity.name}:",
@@ -211,6 +247,76 @@ def render(template: str, values: dict) -> str:
     return string.Template((HERE / "conf" / template).read_text()).substitute(values)
 
 
+def write_private(path: Path, text: str) -> None:
+    """A file only root reads (Postfix opens its password map before dropping privileges)."""
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+def postfix_nexthop(ports: dict, kind: str) -> str:
+    return f"[{HOST}]:{ports[proxy_port_name(kind, 'smtp')]}"
+
+
+def postfix_config(work: Path, ports: dict) -> None:
+    """The site relay: main.cf and master.cf from conf/, and its tables as texthash files
+    (read as they are, no postmap), in WORK/postfix/etc; every route logs in as the
+    `relay` account. Its queue and data directories (made by run.sh) are siblings of
+    etc, because Postfix wants everything below its config directory owned by root."""
+    relay = ACCOUNTS["relay"]
+    postfix_dir = work / "postfix" / "etc"
+    values = {"postfix_dir": postfix_dir, "queue_dir": work / "postfix" / "queue",
+              "data_dir": work / "postfix" / "data", "pki_dir": work / "pki", "postfix_port": ports["postfix"],
+              "relayhost": postfix_nexthop(ports, "")}
+    postfix_dir.mkdir(parents=True, exist_ok=True)
+    for name in ["main.cf", "master.cf"]:
+        (postfix_dir / name).write_text(render(f"postfix-{name}", values))
+    nexthops = {postfix_nexthop(ports, kind) for _, kind, _ in POSTFIX_ROUTES.values()} | {values["relayhost"]}
+    # sasl_passwd: "nexthop username:password"; the password is the rest of the line.
+    write_private(postfix_dir / "sasl_passwd",
+                  "".join(f"{hop} {relay.username}:{relay.password}\n" for hop in sorted(nexthops)))
+    (postfix_dir / "sender_transport").write_text("".join(
+        f"{sender} {transport}:{postfix_nexthop(ports, kind)}\n"
+        for sender, (transport, kind, _) in POSTFIX_ROUTES.items()))
+    (postfix_dir / "tls_policy").write_text("".join(
+        f"{postfix_nexthop(ports, kind)} {policy}\n" for _, kind, policy in POSTFIX_ROUTES.values() if policy))
+
+
+# mbsync scenario -> (account, listener kind, SSLType, AuthMechs)
+MBSYNC = {
+    "login": ("mbsync-login", "", "None", "LOGIN"),
+    "plain": ("mbsync-plain", "", "None", "PLAIN"),
+    "starttls": ("mbsync-starttls", "starttls", "STARTTLS", "*"),
+}
+
+
+def mbsync_config(work: Path, ports: dict) -> None:
+    """One mbsync configuration (-c FILE) per MBSYNC entry: INBOX of the account, pulled
+    through the proxy into a Maildir of its own. The password comes from a file through
+    PassCmd, so no quoting rule of the config file touches it."""
+    directory = work / "mbsync"
+    directory.mkdir(exist_ok=True)
+    for name, (username, kind, ssl_type, mechanisms) in MBSYNC.items():
+        password_file = directory / f"{name}.password"
+        write_private(password_file, ACCOUNTS[username].password + "\n")
+        maildir, state = directory / name / "maildir", directory / name / "state"
+        # mbsync makes the INBOX Maildir, but neither the store's Path nor SyncState's.
+        for path in (maildir, state):
+            path.mkdir(parents=True, exist_ok=True)
+        tls = [] if ssl_type == "None" else [
+            # mbsync 1.4 checks only DNS names, never an IP address, against its Host: the
+            # proxy's certificate itself is trusted instead (what `mbsync-get-cert` gives).
+            "SystemCertificates no", f"CertificateFile {work / 'pki' / 'proxy.pem'}"]
+        (directory / f"{name}.rc").write_text("\n".join([
+            f"# mbsync for the mbsync-{name} scenario, written by e2e/world.py.",
+            f"IMAPAccount {name}", f"Host {HOST}", f"Port {ports[proxy_port_name(kind, 'imap')]}",
+            f"User {username}", f"PassCmd \"cat {password_file}\"", f"SSLType {ssl_type}", *tls,
+            f"AuthMechs {mechanisms}", "Timeout 20", "",
+            f"IMAPStore {name}-far", f"Account {name}", "",
+            f"MaildirStore {name}-near", f"Path {maildir}/", f"Inbox {maildir}/INBOX", "",
+            f"Channel {name}", f"Far :{name}-far:", f"Near :{name}-near:",
+            "Sync Pull", "Create Near", "Expunge None", f"SyncState {state}/", ""]))
+
+
 def configure(work: Path, proxy_bin: str, debug: bool) -> None:
     ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
     dovecot_dir, logs = work / "dovecot", work / "logs"
@@ -227,14 +333,17 @@ def configure(work: Path, proxy_bin: str, debug: bool) -> None:
     for template in ["dovecot.conf", "oauth2-introspect.conf.ext", "oauth2-grant.conf.ext"]:
         (dovecot_dir / template).write_text(render(template, values))
     (work / "mock.json").write_text(json.dumps(mock_config(dovecot_secret), indent=2))
-    (work / "proxy.yaml").write_text(proxy_config(ports, work / "pki" / "ca.pem", work / "store", proxy_bin, debug))
+    (work / "proxy.yaml").write_text(proxy_config(ports, work / "pki", work / "store", proxy_bin, debug))
+    postfix_config(work, ports)
+    mbsync_config(work, ports)
     env = {
         "work": str(work), "host": HOST, "ports": ports,
         "proxy_bin": proxy_bin, "proxy_config": str(work / "proxy.yaml"), "token_store": str(work / "store"),
         "ca_file": str(work / "pki" / "ca.pem"),
         "sink_dir": str(work / "sink"),
         "dovecot_config": str(dovecot_dir / "dovecot.conf"),
-        "logs": {name: str(logs / f"{name}.log") for name in ["proxy", "dovecot", "mock", "sink"]},
+        "postfix_config": str(work / "postfix" / "etc"), "mbsync_dir": str(work / "mbsync"),
+        "logs": {name: str(logs / f"{name}.log") for name in ["proxy", "dovecot", "mock", "sink", "postfix"]},
     }
     (work / "env.json").write_text(json.dumps(env, indent=2))
     (work / "ports.env").write_text("".join(f"PORT_{name.upper()}={port}\n" for name, port in ports.items()))
