@@ -67,6 +67,7 @@ class Env:
     token_store: Path
     postfix_config: str
     mbsync_dir: Path
+    pending: list  # the world.PENDING features this world was rendered with
 
     @classmethod
     def load(cls, path: str) -> "Env":
@@ -75,7 +76,7 @@ class Env:
                    sink_dir=Path(raw["sink_dir"]), dovecot_config=raw["dovecot_config"], logs=raw["logs"],
                    proxy_bin=raw["proxy_bin"], proxy_config=raw["proxy_config"],
                    token_store=Path(raw["token_store"]), postfix_config=raw["postfix_config"],
-                   mbsync_dir=Path(raw["mbsync_dir"]))
+                   mbsync_dir=Path(raw["mbsync_dir"]), pending=raw["pending"])
 
     def proxy_command(self, *args: str) -> list[str]:
         """The proxy binary with this run's config, for `login` and `token`."""
@@ -379,6 +380,18 @@ class Raw:
     def close(self) -> None:
         self.file.close()
         self.sock.close()
+
+
+def client_hello() -> bytes:
+    """The first bytes a TLS client sends (a real ClientHello, from Python's ssl)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    try:
+        context.wrap_bio(incoming, outgoing).do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # it waits for the ServerHello; the ClientHello is written
+    return outgoing.read()
 
 
 def b64(data: str | bytes) -> bytes:

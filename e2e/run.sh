@@ -14,6 +14,8 @@
 # Environment: E2E_PROXY_BIN=path   use this binary instead of `cargo build --release`
 #              E2E_KEEP=1           keep the work directory (configs, logs, mail) afterwards
 #              E2E_DEBUG=1          debug logging in Dovecot and the proxy
+#              E2E_PENDING=a,b      render the world's parts for these pending issue 10
+#                                   features (world.PENDING); their scenarios run only when named
 set -euo pipefail
 
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -87,6 +89,13 @@ make_pki() {
     -days 2 -out "$dir/proxy.pem" -extfile <(printf '%s\n' \
       'subjectAltName=DNS:proxy.example.test,IP:127.0.0.1' 'basicConstraints=critical,CA:FALSE' \
       'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth') 2>/dev/null
+  # The same with an RSA key, for old clients' RSA key exchange (world.PENDING legacy-tls).
+  openssl req -new -newkey rsa:2048 -nodes \
+    -subj '/CN=proxy.example.test' -keyout "$dir/proxy-rsa-key.pem" -out "$dir/proxy-rsa.csr" 2>/dev/null
+  openssl x509 -req -in "$dir/proxy-rsa.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
+    -days 2 -out "$dir/proxy-rsa.pem" -extfile <(printf '%s\n' \
+      'subjectAltName=DNS:proxy.example.test,IP:127.0.0.1' 'basicConstraints=critical,CA:FALSE' \
+      'keyUsage=critical,digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth') 2>/dev/null
 }
 
 # start NAME LOG COMMAND...: runs COMMAND in the background, its output appended to LOG.
