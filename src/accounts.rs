@@ -188,8 +188,8 @@ fn verify_hash(phc: &str, password: &[u8]) -> bool {
 }
 
 /// A new argon2id PHC string with a random salt and the crate's default cost.
-pub fn hash_password(password: &[u8]) -> Result<String, String> {
-    Argon2::default().hash_password(password).map(|h| h.to_string()).map_err(|e| e.to_string())
+pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::Error> {
+    Argon2::default().hash_password(password).map(|h| h.to_string())
 }
 
 #[cfg(test)]

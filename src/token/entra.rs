@@ -126,7 +126,7 @@ impl EntraClient {
         if direct {
             builder = builder.no_proxy();
         }
-        let http = builder.build().map_err(|e| TokenError::Local(format!("cannot build the HTTP client: {e}")))?;
+        let http = builder.build().map_err(|e| TokenError::HttpClient(std::sync::Arc::new(e)))?;
         Ok(EntraClient { http })
     }
 

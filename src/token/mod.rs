@@ -119,16 +119,38 @@ pub enum TokenError {
     Entra(#[from] EntraError),
     #[error("token endpoint sent an unusable answer: {0}")]
     Malformed(String),
-    #[error("{0}")]
-    Local(String),
     #[error("token store: {0}")]
-    Store(String),
+    Store(#[source] Arc<store::StoreError>),
+    #[error("identity {identity}: {source}")]
+    Assertion { identity: String, source: Arc<assertion::AssertionError> },
+    #[error("cannot read client_secret_file {path}: {source}")]
+    SecretFile { path: std::path::PathBuf, source: Arc<std::io::Error> },
+    #[error("client_secret_file {0} is empty")]
+    EmptySecretFile(std::path::PathBuf),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[source] Arc<reqwest::Error>),
+    #[error("identity {0}: no token_store configured")]
+    NoTokenStore(String),
+    #[error("a delegated identity needs an account")]
+    NoAccount,
+    #[error("the token endpoint returned no refresh token: the identity's scope must include offline_access")]
+    NoRefreshToken,
+    #[error("the device code expired before the sign-in completed; run login again")]
+    DeviceCodeExpired,
+    #[error("the sign-in was declined; nothing was stored")]
+    SignInDeclined,
     #[error("no refresh token stored for account {account} (identity {identity}): run `xoauth2-proxy login` for it")]
     NotLoggedIn { identity: String, account: String },
     #[error("the stored refresh token for {account} was refused; waiting for `{login}`")]
     ReauthRequired { account: String, login: String },
     #[error("no identity named {0:?}")]
     UnknownIdentity(String),
+}
+
+impl From<store::StoreError> for TokenError {
+    fn from(e: store::StoreError) -> Self {
+        TokenError::Store(Arc::new(e))
+    }
 }
 
 impl TokenError {
@@ -150,7 +172,7 @@ pub fn context_for(
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<provider::SourceContext, TokenError> {
     let store = match &config.token_store {
-        Some(store) => Some(Arc::new(store::TokenStore::open(store).map_err(|e| TokenError::Store(e.to_string()))?)),
+        Some(store) => Some(Arc::new(store::TokenStore::open(store)?)),
         None => None,
     };
     Ok(provider::SourceContext {

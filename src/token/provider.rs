@@ -33,7 +33,7 @@ impl ClientAuth {
             ClientCredential::SecretFile(p) => ClientAuth::SecretFile(p.clone()),
             ClientCredential::Certificate { cert_file, key_file, algorithm } => ClientAuth::Certificate(Box::new(
                 Signer::load(cert_file, key_file, *algorithm)
-                    .map_err(|e| TokenError::Local(format!("identity {}: {e}", identity.name)))?,
+                    .map_err(|e| TokenError::Assertion { identity: identity.name.clone(), source: Arc::new(e) })?,
             )),
             ClientCredential::None => ClientAuth::Public,
         })
@@ -42,6 +42,7 @@ impl ClientAuth {
     /// The form fields that authenticate the app for one request.
     async fn fields(
         &self,
+        identity: &str,
         client_id: &str,
         token_url: &str,
     ) -> Result<Vec<(&'static str, Secret<String>)>, TokenError> {
@@ -52,7 +53,9 @@ impl ClientAuth {
                 ("client_assertion_type", Secret::new(ASSERTION_TYPE.to_string())),
                 (
                     "client_assertion",
-                    signer.assertion(client_id, token_url, unix_now()).map_err(|e| TokenError::Local(e.to_string()))?,
+                    signer
+                        .assertion(client_id, token_url, unix_now())
+                        .map_err(|e| TokenError::Assertion { identity: identity.to_string(), source: Arc::new(e) })?,
                 ),
             ],
             ClientAuth::Public => Vec::new(),
@@ -64,11 +67,11 @@ async fn read_secret_file(path: &Path) -> Result<Secret<String>, TokenError> {
     let text = Secret::new(
         tokio::fs::read_to_string(path)
             .await
-            .map_err(|e| TokenError::Local(format!("cannot read client_secret_file {}: {e}", path.display())))?,
+            .map_err(|e| TokenError::SecretFile { path: path.to_path_buf(), source: Arc::new(e) })?,
     );
     let trimmed = text.expose().trim();
     if trimmed.is_empty() {
-        return Err(TokenError::Local(format!("client_secret_file {} is empty", path.display())));
+        return Err(TokenError::EmptySecretFile(path.to_path_buf()));
     }
     Ok(Secret::new(trimmed.to_string()))
 }
@@ -135,7 +138,7 @@ impl Endpoint {
 
     /// A token request: the grant's own fields plus client ID, scope and credentials.
     async fn request(&self, grant: &[(&str, &str)]) -> Result<FreshToken, TokenError> {
-        let auth = self.auth.fields(&self.client_id, &self.token_url).await?;
+        let auth = self.auth.fields(&self.identity, &self.client_id, &self.token_url).await?;
         let mut form: Vec<(&str, &str)> = grant.to_vec();
         form.push(("client_id", &self.client_id));
         form.push(("scope", &self.scope));
@@ -276,15 +279,11 @@ impl RefreshTokens {
     /// the same refresh token.
     pub async fn fetch_with(&self, account: &str, min_left: Duration) -> Result<FreshToken, TokenError> {
         let identity = self.endpoint.identity.as_str();
-        let _lock = self
+        let _lock = self.store.lock(identity, account, STORE_LOCK_TIMEOUT).await?;
+        let stored = self
             .store
-            .lock(identity, account, STORE_LOCK_TIMEOUT)
-            .await
-            .map_err(|e| TokenError::Store(e.to_string()))?;
-        let stored =
-            self.store.load(identity, account).map_err(|e| TokenError::Store(e.to_string()))?.ok_or_else(|| {
-                TokenError::NotLoggedIn { identity: identity.to_string(), account: account.to_string() }
-            })?;
+            .load(identity, account)?
+            .ok_or_else(|| TokenError::NotLoggedIn { identity: identity.to_string(), account: account.to_string() })?;
         if let Some((access_token, left)) = stored.access_token_with(min_left) {
             return Ok(FreshToken { access_token, expires_in: left, refresh_token: None });
         }
@@ -330,16 +329,8 @@ impl RefreshTokens {
     /// Stores the result of a device code login.
     pub async fn store_login(&self, account: &str, fresh: &FreshToken) -> Result<PathBuf, TokenError> {
         let identity = self.endpoint.identity.as_str();
-        let refresh_token = fresh.refresh_token.as_ref().ok_or_else(|| {
-            TokenError::Local(
-                "the token endpoint returned no refresh token: the identity's scope must include offline_access".into(),
-            )
-        })?;
-        let _lock = self
-            .store
-            .lock(identity, account, STORE_LOCK_TIMEOUT)
-            .await
-            .map_err(|e| TokenError::Store(e.to_string()))?;
+        let refresh_token = fresh.refresh_token.as_ref().ok_or(TokenError::NoRefreshToken)?;
+        let _lock = self.store.lock(identity, account, STORE_LOCK_TIMEOUT).await?;
         let record = StoredTokens {
             identity: identity.to_string(),
             account: account.to_string(),
@@ -348,7 +339,7 @@ impl RefreshTokens {
             access_expires_at: Some(unix_now() + fresh.expires_in.as_secs()),
             updated_at: unix_now(),
         };
-        self.store.save(&record).map_err(|e| TokenError::Store(e.to_string()))?;
+        self.store.save(&record)?;
         self.refused.lock().unwrap_or_else(|e| e.into_inner()).remove(account);
         Ok(self.store.path_for(identity, account))
     }
@@ -357,7 +348,7 @@ impl RefreshTokens {
 impl TokenSource for RefreshTokens {
     fn fetch<'a>(&'a self, account: Option<&'a str>) -> BoxFuture<'a, Result<FreshToken, TokenError>> {
         Box::pin(async move {
-            let account = account.ok_or_else(|| TokenError::Local("a delegated identity needs an account".into()))?;
+            let account = account.ok_or(TokenError::NoAccount)?;
             self.fetch_with(account, self.min_lifetime).await
         })
     }
@@ -391,10 +382,7 @@ pub fn source_for(identity: &IdentityConfig, ctx: &SourceContext) -> Result<Sour
     Ok(match identity.flow {
         Flow::ClientCredentials => Source::App(Arc::new(ClientCredentials { endpoint })),
         Flow::RefreshToken => {
-            let store = ctx
-                .store
-                .clone()
-                .ok_or_else(|| TokenError::Local(format!("identity {}: no token_store configured", identity.name)))?;
+            let store = ctx.store.clone().ok_or_else(|| TokenError::NoTokenStore(identity.name.clone()))?;
             Source::Delegated(Arc::new(RefreshTokens::new(
                 endpoint,
                 store,
@@ -421,9 +409,7 @@ where
     loop {
         tokio::time::sleep(interval).await;
         if tokio::time::Instant::now() >= deadline {
-            return Err(TokenError::Local(
-                "the device code expired before the sign-in completed; run login again".into(),
-            ));
+            return Err(TokenError::DeviceCodeExpired);
         }
         match poll().await {
             Ok(fresh) => return Ok(fresh),
@@ -431,14 +417,8 @@ where
                 "authorization_pending" => {}
                 // RFC 8628: add 5 seconds to the interval for this and every later poll.
                 "slow_down" => interval += Duration::from_secs(5),
-                "expired_token" | "code_expired" => {
-                    return Err(TokenError::Local(
-                        "the device code expired before the sign-in completed; run login again".into(),
-                    ))
-                }
-                "access_denied" | "authorization_declined" => {
-                    return Err(TokenError::Local("the sign-in was declined; nothing was stored".into()))
-                }
+                "expired_token" | "code_expired" => return Err(TokenError::DeviceCodeExpired),
+                "access_denied" | "authorization_declined" => return Err(TokenError::SignInDeclined),
                 _ => return Err(TokenError::Entra(e)),
             },
             // The endpoint hiccuped; the person signing in is not to blame.
