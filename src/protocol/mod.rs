@@ -221,6 +221,24 @@ pub(crate) mod testing {
         }
     }
 
+    /// Runs each transcript (client bytes, expected output, expected final
+    /// step) through a fresh machine at every chunk size.
+    pub fn transcripts<D: Dialect>(new: impl Fn() -> PreAuth<D>, cases: &[(&[u8], impl AsRef<str>, Outcome)]) {
+        for (input, expected_out, expected_next) in cases {
+            for chunk in 1..=input.len() {
+                let mut m = new();
+                let mut buf = BytesMut::new();
+                let (out, next) = drive(&mut m, &mut buf, chunk, input);
+                assert_eq!(
+                    (&out[..], &next),
+                    (expected_out.as_ref(), expected_next),
+                    "{:?} chunk {chunk}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+    }
+
     pub fn plain_options() -> SessionOptions {
         SessionOptions {
             max_line: 1024,

@@ -8,7 +8,7 @@
 //! commands are framed and parsed, how replies are written, and the
 //! commands only its protocol has (EHLO, CAPA, CAPABILITY, ID...).
 
-use super::line::LineError;
+use super::line::{LineError, LineFramer};
 use super::reply::Failure;
 use super::{LoginRequest, Next, SessionOptions};
 use crate::sasl::{Credentials, Mechanism, SaslError, ServerExchange, Step};
@@ -88,6 +88,78 @@ pub trait Dialect {
     /// The connection is now TLS: forget everything said before (RFC 3207,
     /// RFC 2595). The framing starts afresh.
     fn reset(&mut self, opts: &SessionOptions);
+}
+
+/// The syntax of a protocol with one command per line (POP3, SMTP): what
+/// [`LineBased`] needs to be a [`Dialect`].
+pub trait LineCommands {
+    type Success;
+    const CHALLENGE: &'static [u8];
+    fn new(upstream_caps: Arc<[String]>) -> Self;
+    fn greeting(&self, opts: &SessionOptions, out: &mut Vec<u8>);
+    /// One complete command line, without its line ending.
+    fn command(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request;
+    fn failure(failure: Failure, out: &mut Vec<u8>);
+    fn starttls_go_ahead(out: &mut Vec<u8>);
+    fn succeeded(&self, success: &Self::Success, out: &mut Vec<u8>);
+    fn client_name(&self) -> Option<String> {
+        None
+    }
+    /// Forget what was said before TLS.
+    fn reset(&mut self);
+}
+
+/// A line-based protocol's [`Dialect`]: the framing, written once.
+pub struct LineBased<C> {
+    framer: LineFramer,
+    commands: C,
+}
+
+impl<C: LineCommands> Dialect for LineBased<C> {
+    type Success = C::Success;
+    const CHALLENGE: &'static [u8] = C::CHALLENGE;
+
+    fn new(upstream_caps: Arc<[String]>, opts: &SessionOptions) -> Self {
+        LineBased { framer: LineFramer::new(opts.max_line), commands: C::new(upstream_caps) }
+    }
+
+    fn greeting(&self, opts: &SessionOptions, out: &mut Vec<u8>) {
+        self.commands.greeting(opts, out);
+    }
+
+    fn next(&mut self, input: &mut BytesMut, opts: &SessionOptions, out: &mut Vec<u8>) -> Option<Tagged> {
+        let request = match self.framer.next_line(input) {
+            Ok(Some(line)) => self.commands.command(&line, opts, out),
+            Ok(None) => return None,
+            Err(LineError::TooLong) => Request::Refused(Failure::LineTooLong),
+        };
+        Some(Tagged::untagged(request))
+    }
+
+    fn line(&mut self, input: &mut BytesMut) -> Result<Option<BytesMut>, LineError> {
+        self.framer.next_line(input)
+    }
+
+    fn failure(failure: Failure, _tag: Option<&str>, out: &mut Vec<u8>) {
+        C::failure(failure, out);
+    }
+
+    fn starttls_go_ahead(_tag: Option<&str>, out: &mut Vec<u8>) {
+        C::starttls_go_ahead(out);
+    }
+
+    fn succeeded(&self, success: &C::Success, _tag: Option<&str>, out: &mut Vec<u8>) {
+        self.commands.succeeded(success, out);
+    }
+
+    fn client_name(&self) -> Option<String> {
+        self.commands.client_name()
+    }
+
+    fn reset(&mut self, opts: &SessionOptions) {
+        self.framer = LineFramer::new(opts.max_line);
+        self.commands.reset();
+    }
 }
 
 enum State {

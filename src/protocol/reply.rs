@@ -47,6 +47,28 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every kind, for tests that must cover the whole table.
+    pub const ALL: [Failure; 18] = [
+        Failure::AuthFailed,
+        Failure::Temporary,
+        Failure::Unavailable,
+        Failure::LineTooLong,
+        Failure::Syntax,
+        Failure::AuthFirst,
+        Failure::SaslMalformed,
+        Failure::SaslCancelled,
+        Failure::UnsupportedMechanism,
+        Failure::TlsRequired,
+        Failure::PlaintextDisabled,
+        Failure::Timeout,
+        Failure::TooManyFailures,
+        Failure::TooManyConnections,
+        Failure::MailboxBusy,
+        Failure::StartTlsUnavailable,
+        Failure::StartTlsInjection,
+        Failure::ShuttingDown,
+    ];
+
     /// Whether the session ends after this reply.
     pub fn closes_session(self) -> bool {
         matches!(
@@ -216,27 +238,7 @@ mod tests {
 
     #[test]
     fn every_reply_is_one_crlf_terminated_line() {
-        use Failure::*;
-        for f in [
-            AuthFailed,
-            Temporary,
-            Unavailable,
-            LineTooLong,
-            Syntax,
-            AuthFirst,
-            SaslMalformed,
-            SaslCancelled,
-            UnsupportedMechanism,
-            TlsRequired,
-            PlaintextDisabled,
-            Timeout,
-            TooManyFailures,
-            TooManyConnections,
-            MailboxBusy,
-            StartTlsUnavailable,
-            StartTlsInjection,
-            ShuttingDown,
-        ] {
+        for f in Failure::ALL {
             for line in [smtp(f).to_vec(), pop3(f).to_vec(), imap_line(f, Some("t1")).into_bytes()] {
                 assert!(line.ends_with(b"\r\n"));
                 assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);

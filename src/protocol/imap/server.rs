@@ -144,7 +144,7 @@ fn rewrite_ok_text(text: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::testing::{drive, plain_options, Outcome};
+    use crate::protocol::testing::{plain_options, transcripts, Outcome};
     use crate::protocol::Next;
 
     fn server() -> ImapServer {
@@ -203,19 +203,7 @@ mod tests {
             (b"s STARTTLS\r\n", "s BAD STARTTLS not available\r\n", Outcome::Read),
             (b"garbage\r\n", "garbage BAD Syntax error or unknown command\r\n", Outcome::Read),
         ];
-        for (input, expected_out, expected_next) in &cases {
-            for chunk in 1..=input.len() {
-                let mut m = server();
-                let mut buf = BytesMut::new();
-                let (out, next) = drive(&mut m, &mut buf, chunk, input);
-                assert_eq!(
-                    (&out[..], &next),
-                    (*expected_out, expected_next),
-                    "{:?} chunk {chunk}",
-                    String::from_utf8_lossy(input)
-                );
-            }
-        }
+        transcripts(server, &cases);
     }
 
     #[test]

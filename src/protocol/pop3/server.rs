@@ -2,27 +2,27 @@
 
 use super::client::Pop3Success;
 use super::preauth_capabilities;
-use crate::protocol::line::{LineError, LineFramer};
-use crate::protocol::preauth::{auth_arguments, split_verb, Dialect, PreAuth, Request, Tagged};
+use crate::protocol::preauth::{auth_arguments, split_verb, LineBased, LineCommands, PreAuth, Request};
 use crate::protocol::reply::{self, Failure};
 use crate::protocol::SessionOptions;
 use crate::sasl::Credentials;
 use crate::secret::Secret;
-use bytes::BytesMut;
 use std::sync::Arc;
 
 /// The POP3 pre-auth dialogue.
 pub type Pop3Server = PreAuth<Pop3Dialect>;
 
-pub struct Pop3Dialect {
-    framer: LineFramer,
+/// The POP3 dialect: line framing plus [`Pop3Commands`].
+pub type Pop3Dialect = LineBased<Pop3Commands>;
+
+pub struct Pop3Commands {
     upstream_caps: Arc<[String]>,
     /// The name given by USER, waiting for PASS.
     user: Option<String>,
 }
 
-impl Pop3Dialect {
-    fn command(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request {
+impl Pop3Commands {
+    fn dispatch(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request {
         let (verb, args) = split_verb(line);
         match verb.as_slice() {
             b"CAPA" => {
@@ -81,55 +81,46 @@ impl Pop3Dialect {
     }
 }
 
-impl Dialect for Pop3Dialect {
+impl LineCommands for Pop3Commands {
     type Success = Pop3Success;
     const CHALLENGE: &'static [u8] = b"+ ";
 
-    fn new(upstream_caps: Arc<[String]>, opts: &SessionOptions) -> Self {
-        Pop3Dialect { framer: LineFramer::new(opts.max_line), upstream_caps, user: None }
+    fn new(upstream_caps: Arc<[String]>) -> Self {
+        Pop3Commands { upstream_caps, user: None }
     }
 
     fn greeting(&self, _opts: &SessionOptions, out: &mut Vec<u8>) {
         out.extend_from_slice(b"+OK xoauth2-proxy ready\r\n");
     }
 
-    fn next(&mut self, input: &mut BytesMut, opts: &SessionOptions, out: &mut Vec<u8>) -> Option<Tagged> {
-        let request = match self.framer.next_line(input) {
-            Ok(Some(line)) => self.command(&line, opts, out),
-            Ok(None) => return None,
-            Err(LineError::TooLong) => Request::Refused(Failure::LineTooLong),
-        };
-        Some(Tagged::untagged(request))
+    fn command(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request {
+        self.dispatch(line, opts, out)
     }
 
-    fn line(&mut self, input: &mut BytesMut) -> Result<Option<BytesMut>, LineError> {
-        self.framer.next_line(input)
-    }
-
-    fn failure(failure: Failure, _tag: Option<&str>, out: &mut Vec<u8>) {
+    fn failure(failure: Failure, out: &mut Vec<u8>) {
         out.extend_from_slice(reply::pop3(failure));
     }
 
-    fn starttls_go_ahead(_tag: Option<&str>, out: &mut Vec<u8>) {
+    fn starttls_go_ahead(out: &mut Vec<u8>) {
         out.extend_from_slice(b"+OK Begin TLS negotiation\r\n");
     }
 
-    fn succeeded(&self, success: &Pop3Success, _tag: Option<&str>, out: &mut Vec<u8>) {
+    fn succeeded(&self, success: &Pop3Success, out: &mut Vec<u8>) {
         out.extend_from_slice(&success.line);
         out.extend_from_slice(b"\r\n");
     }
 
-    fn reset(&mut self, opts: &SessionOptions) {
+    fn reset(&mut self) {
         self.user = None;
-        self.framer = LineFramer::new(opts.max_line);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::testing::{drive, plain_options, Outcome};
+    use crate::protocol::testing::{plain_options, transcripts, Outcome};
     use crate::protocol::Next;
+    use bytes::BytesMut;
 
     fn server() -> Pop3Server {
         let caps: Vec<String> = ["TOP", "UIDL", "SASL XOAUTH2"].map(String::from).to_vec();
@@ -168,19 +159,7 @@ mod tests {
             (b"QUIT\r\n", "+OK Bye\r\n", Outcome::Close),
             (b"STLS\r\n", "-ERR STLS not available\r\n", Outcome::Read),
         ];
-        for (input, expected_out, expected_next) in &cases {
-            for chunk in 1..=input.len() {
-                let mut m = server();
-                let mut buf = BytesMut::new();
-                let (out, next) = drive(&mut m, &mut buf, chunk, input);
-                assert_eq!(
-                    (&out[..], &next),
-                    (*expected_out, expected_next),
-                    "{:?} chunk {chunk}",
-                    String::from_utf8_lossy(input)
-                );
-            }
-        }
+        transcripts(server, &cases);
     }
 
     #[test]

@@ -2,11 +2,9 @@
 
 use super::client::SmtpSuccess;
 use super::preauth_capabilities;
-use crate::protocol::line::{LineError, LineFramer};
-use crate::protocol::preauth::{auth_arguments, split_verb, Dialect, PreAuth, Request, Tagged};
+use crate::protocol::preauth::{auth_arguments, split_verb, LineBased, LineCommands, PreAuth, Request};
 use crate::protocol::reply::{self, Failure};
 use crate::protocol::SessionOptions;
-use bytes::BytesMut;
 use std::sync::Arc;
 
 /// The name the proxy gives in its greeting and EHLO reply.
@@ -15,14 +13,16 @@ const SERVER_NAME: &str = "xoauth2-proxy";
 /// The SMTP pre-auth dialogue.
 pub type SmtpServer = PreAuth<SmtpDialect>;
 
-pub struct SmtpDialect {
-    framer: LineFramer,
+/// The SMTP dialect: line framing plus [`SmtpCommands`].
+pub type SmtpDialect = LineBased<SmtpCommands>;
+
+pub struct SmtpCommands {
     upstream_caps: Arc<[String]>,
     /// The client's EHLO/HELO argument, reused for the upstream EHLO.
     client_name: Option<String>,
 }
 
-impl SmtpDialect {
+impl SmtpCommands {
     fn ehlo_reply(&self, opts: &SessionOptions, out: &mut Vec<u8>) {
         let caps = preauth_capabilities(&self.upstream_caps, opts);
         let lines = std::iter::once(SERVER_NAME.to_string()).chain(caps);
@@ -33,7 +33,7 @@ impl SmtpDialect {
         }
     }
 
-    fn command(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request {
+    fn dispatch(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request {
         let (verb, args) = split_verb(line);
         match verb.as_slice() {
             b"EHLO" | b"HELO" => {
@@ -77,40 +77,31 @@ fn valid_client_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
-impl Dialect for SmtpDialect {
+impl LineCommands for SmtpCommands {
     type Success = SmtpSuccess;
     const CHALLENGE: &'static [u8] = b"334 ";
 
-    fn new(upstream_caps: Arc<[String]>, opts: &SessionOptions) -> Self {
-        SmtpDialect { framer: LineFramer::new(opts.max_line), upstream_caps, client_name: None }
+    fn new(upstream_caps: Arc<[String]>) -> Self {
+        SmtpCommands { upstream_caps, client_name: None }
     }
 
     fn greeting(&self, _opts: &SessionOptions, out: &mut Vec<u8>) {
         out.extend_from_slice(format!("220 {SERVER_NAME} ESMTP ready\r\n").as_bytes());
     }
 
-    fn next(&mut self, input: &mut BytesMut, opts: &SessionOptions, out: &mut Vec<u8>) -> Option<Tagged> {
-        let request = match self.framer.next_line(input) {
-            Ok(Some(line)) => self.command(&line, opts, out),
-            Ok(None) => return None,
-            Err(LineError::TooLong) => Request::Refused(Failure::LineTooLong),
-        };
-        Some(Tagged::untagged(request))
+    fn command(&mut self, line: &[u8], opts: &SessionOptions, out: &mut Vec<u8>) -> Request {
+        self.dispatch(line, opts, out)
     }
 
-    fn line(&mut self, input: &mut BytesMut) -> Result<Option<BytesMut>, LineError> {
-        self.framer.next_line(input)
-    }
-
-    fn failure(failure: Failure, _tag: Option<&str>, out: &mut Vec<u8>) {
+    fn failure(failure: Failure, out: &mut Vec<u8>) {
         out.extend_from_slice(reply::smtp(failure));
     }
 
-    fn starttls_go_ahead(_tag: Option<&str>, out: &mut Vec<u8>) {
+    fn starttls_go_ahead(out: &mut Vec<u8>) {
         out.extend_from_slice(b"220 2.0.0 Ready to start TLS\r\n");
     }
 
-    fn succeeded(&self, success: &SmtpSuccess, _tag: Option<&str>, out: &mut Vec<u8>) {
+    fn succeeded(&self, success: &SmtpSuccess, out: &mut Vec<u8>) {
         out.extend_from_slice(&success.reply.to_wire());
     }
 
@@ -118,10 +109,9 @@ impl Dialect for SmtpDialect {
         self.client_name.clone()
     }
 
-    fn reset(&mut self, opts: &SessionOptions) {
+    fn reset(&mut self) {
         // RFC 3207: after the handshake the client starts over with EHLO.
         self.client_name = None;
-        self.framer = LineFramer::new(opts.max_line);
     }
 }
 
@@ -129,8 +119,9 @@ impl Dialect for SmtpDialect {
 mod tests {
     use super::*;
     use crate::protocol::smtp::Reply;
-    use crate::protocol::testing::{drive, plain_options, Outcome};
+    use crate::protocol::testing::{plain_options, transcripts, Outcome};
     use crate::protocol::Next;
+    use bytes::BytesMut;
 
     fn server() -> SmtpServer {
         let caps: Vec<String> = ["SIZE 1000", "PIPELINING", "AUTH XOAUTH2", "STARTTLS"].map(String::from).to_vec();
@@ -182,19 +173,7 @@ mod tests {
             (b"QUIT\r\n", "221 2.0.0 Bye\r\n".into(), Outcome::Close),
             (b"STARTTLS\r\n", "454 4.7.0 TLS not available\r\n".into(), Outcome::Read),
         ];
-        for (input, expected_out, expected_next) in &cases {
-            for chunk in 1..=input.len() {
-                let mut m = server();
-                let mut buf = BytesMut::new();
-                let (out, next) = drive(&mut m, &mut buf, chunk, input);
-                assert_eq!(
-                    (&out, &next),
-                    (expected_out, expected_next),
-                    "{:?} chunk {chunk}",
-                    String::from_utf8_lossy(input)
-                );
-            }
-        }
+        transcripts(server, &cases);
     }
 
     #[test]
