@@ -84,6 +84,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let early = match cli.command {
+        Command::Run { .. } => match cli::run::EarlySignals::catch() {
+            Ok(early) => Some(early),
+            Err(e) => {
+                eprintln!("error: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -91,8 +101,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
-        Command::Run { config } => runtime.block_on(cli::run::run(&config)),
+    let code = match cli.command {
+        Command::Run { config } => match early {
+            Some(early) => runtime.block_on(cli::run::run(&config, early)),
+            None => ExitCode::FAILURE,
+        },
         Command::Check { config, online } => runtime.block_on(cli::check::run(&config, online)),
         Command::Login { config, account } => runtime.block_on(cli::login::run(&config, &account)),
         Command::Token { config, account, output, min_lifetime } => {
@@ -100,5 +113,9 @@ fn main() -> ExitCode {
         }
         Command::HashPassword => cli::hash_password::run(),
         Command::GenCert { out, hosts, days, force } => cli::gen_cert::run(&out, &hosts, days, force),
-    }
+    };
+    // Do not wait for blocking work (a config read on a stuck file system)
+    // once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

@@ -55,53 +55,142 @@ async fn sessions_that_end_early_let_the_proxy_stop_early() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// The real binary with the harness's config, its log lines on a channel.
+struct Binary {
+    child: std::process::Child,
+    log: std::sync::mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    fn start(h: &Harness) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, h.config_text.replace("level: debug", "level: info")).unwrap();
+        let mut binary = Binary::spawn(&path);
+        binary._dir = dir;
+        binary
+    }
+
+    fn spawn(config: &std::path::Path) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xoauth2-proxy"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("TEST_CLIENT_SECRET", testkit::token::CLIENT_SECRET)
+            .env_remove("XOAUTH2_PROXY_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Binary { child, log, _dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// The next log line containing every one of `needles`.
+    fn wait_for_log(&self, needles: &[&str]) -> String {
+        let mut seen = Vec::new();
+        loop {
+            let line = self
+                .log
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("no line with {needles:?} ({e}) in {seen:#?}"));
+            if needles.iter().all(|n| line.contains(n)) {
+                return line;
+            }
+            seen.push(line);
+        }
+    }
+
+    /// The SMTP listener's port, from its "listening" log line.
+    fn smtp_port(&self) -> u16 {
+        let line = self.wait_for_log(&["listening", "listener=smtp"]);
+        let bind = line.split_whitespace().find_map(|w| w.strip_prefix("bind=")).unwrap();
+        bind.rsplit(':').next().unwrap().parse::<u16>().unwrap()
+    }
+
+    async fn exit_status(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the proxy did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// The real binary exits 0 on SIGTERM.
 #[tokio::test]
 async fn sigterm_stops_the_binary() {
     let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.yaml");
-    std::fs::write(&path, h.config_text.replace("level: debug", "level: info")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xoauth2-proxy"))
-        .args(["run", "-c"])
-        .arg(&path)
-        .env("TEST_CLIENT_SECRET", testkit::token::CLIENT_SECRET)
-        .env_remove("XOAUTH2_PROXY_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    // Find the SMTP listener's port in the "listening" log line.
-    let port = loop {
-        let line = rx.recv_timeout(Duration::from_secs(10)).expect("no 'listening' line");
-        if line.contains("listening") && line.contains("listener=smtp") {
-            let bind = line.split_whitespace().find_map(|w| w.strip_prefix("bind=")).unwrap();
-            break bind.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-        }
-    };
+    let mut proxy = Binary::start(&h);
+    let port = proxy.smtp_port();
     let mut c = TestClient::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
     c.expect("220 ").await;
-    send_signal(child.id(), "TERM");
+    send_signal(proxy.child.id(), "TERM");
     c.expect("421 4.3.2").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the proxy did not exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = proxy.exit_status().await;
     assert!(exit.success(), "{exit:?}");
-    let log: Vec<String> = rx.try_iter().collect();
+    let log: Vec<String> = proxy.log.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("SIGTERM received")), "{log:?}");
+}
+
+/// Whether `pid` catches `signal` (its bit in /proc/PID/status SigCgt).
+fn catches(pid: u32, signal: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+/// A reload right after a restart (SIGHUP before the proxy serves) is
+/// deferred, never fatal; a SIGTERM that early still stops it cleanly. The
+/// config is a FIFO, so the proxy is provably still starting (blocked
+/// reading it) when the signal arrives.
+#[tokio::test]
+async fn early_signals_are_handled_from_the_first_instant() {
+    let h = Harness::start().await;
+    for (signal, serves) in [("HUP", true), ("TERM", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("config.yaml");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let mut proxy = Binary::spawn(&fifo);
+        let pid = proxy.child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !catches(pid, 1) {
+            assert!(Instant::now() < deadline, "SIGHUP never caught");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        send_signal(pid, signal);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(proxy.child.try_wait().unwrap().is_none(), "SIG{signal} during start-up killed the proxy");
+        let config = h.config_text.replace("level: debug", "level: info");
+        let write = |fifo: std::path::PathBuf, config: String| {
+            tokio::task::spawn_blocking(move || std::fs::write(fifo, config).unwrap())
+        };
+        write(fifo.clone(), config.clone()).await.unwrap();
+        if serves {
+            let port = proxy.smtp_port();
+            let mut c = TestClient::new(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+            c.expect("220 ").await;
+            // The deferred reload reads the config again.
+            write(fifo, config).await.unwrap();
+            proxy.wait_for_log(&["SIGHUP: reloaded"]);
+            send_signal(pid, "TERM");
+        }
+        assert!(proxy.exit_status().await.success(), "SIG{signal} during start-up");
+    }
 }
 
 /// The deadline is hard for every phase: a login stuck in an upstream that
