@@ -63,6 +63,8 @@ log: {{ level: info }}
     )?;
     let config = Config::load(&config_path)?;
     xoauth2_proxy::telemetry::init(&config.log);
+    // As `xoauth2-proxy run` does: the plain `password:` above is warned about.
+    xoauth2_proxy::cli::run::log_warnings(&config);
     let proxy = Proxy::bind(&config).await?;
     let ports: HashMap<String, u16> = proxy.local_addrs().into_iter().map(|(name, a)| (name, a.port())).collect();
     let (smtp_port, imap_port, pop3_port) = (ports["smtp"], ports["imap"], ports["pop3"]);
@@ -103,10 +105,12 @@ log: {{ level: info }}
         return Ok(());
     }
     println!();
-    println!("Try it yourself (Ctrl-C to stop):");
+    // The message the SMTP command below sends gets the mailbox's next UID.
+    let next_uid = mailbox.messages().last().map_or(1, |m| m.uid + 1);
+    println!("Try it yourself (Ctrl-C to stop): send a message, then read it back by IMAP and POP3:");
     println!("  printf 'Subject: hello\\r\\n\\r\\nHi from curl\\r\\n' | curl -v smtp://127.0.0.1:{smtp_port} --mail-from scanner@demo.example --mail-rcpt office@demo.example -T - -u printer:{PASSWORD}");
-    println!("  curl -v 'imap://127.0.0.1:{imap_port}/INBOX;UID=1' -u printer:{PASSWORD}");
-    println!("  curl -v pop3://127.0.0.1:{pop3_port}/1 -u printer:{PASSWORD}");
+    println!("  curl -v 'imap://127.0.0.1:{imap_port}/INBOX;UID={next_uid}' -u printer:{PASSWORD}");
+    println!("  curl -v pop3://127.0.0.1:{pop3_port}/{} -u printer:{PASSWORD}", mailbox.messages().len() + 1);
     println!();
     tokio::signal::ctrl_c().await?;
     stop.cancel();

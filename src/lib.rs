@@ -35,6 +35,7 @@ pub mod protocol;
 pub mod sasl;
 pub mod secret;
 pub mod server;
+pub mod service;
 pub mod splice;
 pub mod telemetry;
 pub mod text;

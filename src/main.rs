@@ -1,6 +1,6 @@
 //! The `xoauth2-proxy` binary: parse arguments, dispatch to `cli`.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -20,33 +20,74 @@ struct Cli {
     command: Command,
 }
 
+/// `-c FILE`, the same on every subcommand that reads the configuration.
+#[derive(Args)]
+struct ConfigArg {
+    /// The configuration file (YAML; config.example.yaml documents every
+    /// key). Relative file names in it are relative to its directory.
+    #[arg(short, long, value_name = "FILE", env = "XOAUTH2_PROXY_CONFIG", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Serve every listener until SIGTERM or SIGINT.
+    /// Serve every listener until SIGTERM or SIGINT; SIGHUP re-reads the configuration.
+    #[command(long_about = "Serve every listener until SIGTERM or SIGINT (running sessions then get \
+        shutdown_timeout to finish).\n\n\
+        SIGHUP (`xoauth2-proxy reload`, or `systemctl reload xoauth2-proxy`) re-reads the \
+        configuration without dropping sessions: accounts and the local TLS certificate apply \
+        at once; listeners, identities and token_store at the next start. A configuration \
+        with errors is logged and the running one kept.\n\n\
+        Under systemd (Type=notify) the proxy reports READY=1 once every listener is bound, \
+        RELOADING=1 and READY=1 around a reload, STOPPING=1 at shutdown, and pings the \
+        watchdog when WatchdogSec= is set.")]
     Run {
-        #[arg(short, long, env = "XOAUTH2_PROXY_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Write the process id to this file once every listener is bound
+        /// (removed at exit), for `reload --pid-file`.
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
     },
     /// Validate the configuration; exit non-zero with the problems.
     Check {
-        #[arg(short, long, env = "XOAUTH2_PROXY_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Also obtain a token for each identity and connect to each upstream.
         #[arg(long)]
         online: bool,
     },
+    /// Check the configuration, then make the running proxy re-read it (SIGHUP).
+    #[command(long_about = "Check the configuration as `check` does, then send SIGHUP to the running proxy, \
+        which re-reads it without dropping sessions. A configuration with errors is printed \
+        (exit 2) and the proxy is not signalled.\n\n\
+        The systemd unit runs `reload --pid $MAINPID` for `systemctl reload xoauth2-proxy`; \
+        elsewhere start the proxy with `run --pid-file FILE` and reload with `--pid-file FILE`. \
+        Run it with the proxy's environment (the unit's EnvironmentFile=), since ${VAR} in the \
+        configuration is expanded here too.")]
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["pid", "pid_file"])))]
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The proxy's process id.
+        #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
+        pid: Option<i32>,
+        /// A file holding the proxy's process id (see `run --pid-file`).
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
+    },
     /// Sign in an account of a delegated (refresh_token) identity with the
     /// device code flow and store its refresh token.
     Login {
-        #[arg(short, long, env = "XOAUTH2_PROXY_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// The account's username (or its mailbox).
         account: String,
     },
     /// Print (or write) a valid access token for an account, refreshing as needed.
     Token {
-        #[arg(short, long, env = "XOAUTH2_PROXY_CONFIG", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// The account's username (or its mailbox).
         account: String,
         /// Write the token to this file (atomically, mode 0600) instead of stdout.
@@ -76,6 +117,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write man pages or shell completions into DIR (for packagers).
+    #[command(hide = true)]
+    Generate { what: cli::generate::What, dir: PathBuf },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -84,16 +128,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let early = match cli.command {
-        Command::Run { .. } => match cli::run::EarlySignals::catch() {
-            Ok(early) => Some(early),
-            Err(e) => {
-                eprintln!("error: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        _ => None,
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -101,21 +135,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match cli.command {
-        Command::Run { config } => match early {
-            Some(early) => runtime.block_on(cli::run::run(&config, early)),
-            None => ExitCode::FAILURE,
-        },
-        Command::Check { config, online } => runtime.block_on(cli::check::run(&config, online)),
-        Command::Login { config, account } => runtime.block_on(cli::login::run(&config, &account)),
+    match cli.command {
+        Command::Run { config, pid_file } => runtime.block_on(cli::run::run(&config.config, pid_file.as_deref())),
+        Command::Check { config, online } => runtime.block_on(cli::check::run(&config.config, online)),
+        Command::Reload { config, pid, pid_file } => {
+            let target = match (pid, &pid_file) {
+                (Some(pid), _) => cli::reload::Target::Pid(pid),
+                (None, Some(file)) => cli::reload::Target::PidFile(file),
+                // clap's "target" group requires one of them; say so all the same.
+                (None, None) => {
+                    eprintln!("error: name the proxy with --pid PID or --pid-file FILE");
+                    return ExitCode::from(cli::EXIT_CONFIG);
+                }
+            };
+            cli::reload::run(&config.config, target)
+        }
+        Command::Login { config, account } => runtime.block_on(cli::login::run(&config.config, &account)),
         Command::Token { config, account, output, min_lifetime } => {
-            runtime.block_on(cli::token::run(&config, &account, output.as_deref(), min_lifetime))
+            runtime.block_on(cli::token::run(&config.config, &account, output.as_deref(), min_lifetime))
         }
         Command::HashPassword => cli::hash_password::run(),
         Command::GenCert { out, hosts, days, force } => cli::gen_cert::run(&out, &hosts, days, force),
-    };
-    // Do not wait for blocking work (a config read on a stuck file system)
-    // once the command is done.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    code
+        Command::Generate { what, dir } => cli::generate::run(Cli::command(), what, &dir),
+    }
 }

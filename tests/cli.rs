@@ -90,3 +90,105 @@ async fn hash_password_reads_stdin_and_prints_a_verifiable_hash() {
     assert_eq!(empty.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&empty.stderr).contains("empty password"));
 }
+
+#[test]
+fn gen_cert_prints_paths_a_config_file_elsewhere_can_use() {
+    let work = tempfile::tempdir().unwrap();
+    let out = binary().current_dir(work.path()).args(["gen-cert", "--out", "certs"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let certs = std::fs::canonicalize(work.path().join("certs")).unwrap();
+    let snippet: Vec<&str> = stdout.lines().skip_while(|l| *l != "  tls:").take(3).collect();
+    assert_eq!(
+        snippet,
+        [
+            "  tls:".to_string(),
+            format!("    cert_file: {}", certs.join("local.pem").display()),
+            format!("    key_file: {}", certs.join("local-key.pem").display()),
+        ]
+    );
+    // Pasted into a config file in another directory, it loads.
+    let etc = tempfile::tempdir().unwrap();
+    let config = etc.path().join("config.yaml");
+    let listener = "listeners:\n  - { name: s, protocol: smtp, bind: \"127.0.0.1:0\", upstream: \"h:587\", local_tls: implicit }\n";
+    std::fs::write(
+        &config,
+        format!("{listener}{}\n", snippet.join("\n").replacen("  tls:", "tls:", 1).replace("\n  ", "\n")),
+    )
+    .unwrap();
+    let check = binary().args(["check", "-c"]).arg(&config).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
+
+#[test]
+fn every_subcommand_that_reads_the_config_explains_c() {
+    for sub in ["run", "check", "reload", "login", "token"] {
+        let out = binary().args([sub, "--help"]).output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(help.contains("-c, --config <FILE>"), "{sub}: {help}");
+        assert!(help.contains("The configuration file (YAML"), "{sub}: {help}");
+    }
+    let run = String::from_utf8(binary().args(["run", "--help"]).output().unwrap().stdout).unwrap();
+    assert!(run.contains("SIGHUP") && run.contains("READY=1"), "{run}");
+}
+
+#[test]
+fn generate_writes_man_pages_and_completions_from_the_parser() {
+    let dir = tempfile::tempdir().unwrap();
+    for what in ["man", "completions"] {
+        let out = binary().args(["generate", what]).arg(dir.path()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    assert!(read("xoauth2-proxy.1").starts_with(".ie"), "roff");
+    assert!(read("xoauth2-proxy-reload.1").contains("SIGHUP"));
+    for sub in ["run", "check", "reload", "login", "token", "hash-password", "gen-cert"] {
+        assert!(dir.path().join(format!("xoauth2-proxy-{sub}.1")).exists(), "{sub}");
+        assert!(read("xoauth2-proxy.bash").contains(sub), "bash: {sub}");
+        assert!(read("_xoauth2-proxy").contains(sub), "zsh: {sub}");
+        assert!(read("xoauth2-proxy.fish").contains(sub), "fish: {sub}");
+    }
+    // The packagers' command has no man page of its own.
+    assert!(!dir.path().join("xoauth2-proxy-generate.1").exists());
+}
+
+/// The ownership story: the service user owns its state directory, and root
+/// must not leave 0600 files there that the service cannot read.
+#[test]
+fn root_is_sent_to_the_service_user_for_files_the_service_reads() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipped: needs root (CI runs as root) to give a directory to another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    // 65534 is nobody on Debian.
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  - {{ name: i, protocol: imap, bind: \"127.0.0.1:0\", upstream: \"h:993\" }}\n\
+             identities:\n  f: {{ tenant: t, client_id: c, flow: refresh_token, authority: \"http://127.0.0.1:1\" }}\n\
+             accounts:\n  - {{ username: crm, password: pw, mailbox: crm@example.com, identity: f }}\n\
+             token_store: {{ path: {} }}\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    for args in [vec!["login", "crm"], vec!["token", "crm"]] {
+        let out = binary().args(&args).arg("-c").arg(&config).stdin(Stdio::null()).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("{} belongs to nobody", state.display())), "{stderr}");
+        assert!(
+            stderr.contains(&format!("sudo -u nobody {} {}", env!("CARGO_BIN_EXE_xoauth2-proxy"), args[0])),
+            "{stderr}"
+        );
+    }
+    let out = binary().args(["gen-cert", "--out"]).arg(state.join("tls")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sudo -u nobody"), "{out:?}");
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "nothing was written: no key, no certificate");
+}

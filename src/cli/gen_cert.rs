@@ -6,6 +6,9 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpos
 use std::path::Path;
 use std::process::ExitCode;
 
+const CERT_FILE: &str = "local.pem";
+const KEY_FILE: &str = "local-key.pem";
+
 pub fn run(out: &Path, hosts: &[String], days: u32, force: bool) -> ExitCode {
     match generate(out, hosts, days, force) {
         Ok(()) => ExitCode::SUCCESS,
@@ -19,14 +22,18 @@ pub fn run(out: &Path, hosts: &[String], days: u32, force: bool) -> ExitCode {
 fn generate(out: &Path, hosts: &[String], days: u32, force: bool) -> Result<(), String> {
     let hosts: Vec<String> =
         if hosts.is_empty() { vec!["localhost".into(), "127.0.0.1".into(), "::1".into()] } else { hosts.to_vec() };
-    let cert_path = out.join("local.pem");
-    let key_path = out.join("local-key.pem");
-    for path in [&cert_path, &key_path] {
+    for path in [out.join(CERT_FILE), out.join(KEY_FILE)] {
         if path.exists() && !force {
             return Err(format!("{} exists; use --force to replace it", path.display()));
         }
     }
+    super::owner::check_writer(out)?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // The printed snippet goes into a config file elsewhere: absolute paths
+    // mean the same from there as from here.
+    let out = &std::fs::canonicalize(out).map_err(|e| format!("{}: {e}", out.display()))?;
+
+    let (cert_path, key_path) = (out.join(CERT_FILE), out.join(KEY_FILE));
 
     let mut params = CertificateParams::default();
     params.subject_alt_names = hosts

@@ -2,8 +2,11 @@
 
 pub mod check;
 pub mod gen_cert;
+pub mod generate;
 pub mod hash_password;
 pub mod login;
+mod owner;
+pub mod reload;
 pub mod run;
 pub mod token;
 

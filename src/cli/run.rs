@@ -1,48 +1,27 @@
-//! `xoauth2-proxy run`: serve until SIGTERM or SIGINT.
+//! `xoauth2-proxy run`: serve until SIGTERM or SIGINT; SIGHUP re-reads the
+//! configuration. Tells systemd when it is ready, reloading and stopping
+//! (see [`crate::service`]).
 
-use crate::server::Proxy;
-use std::path::Path;
+use crate::config::Config;
+use crate::server::{Proxy, Reloader};
+use crate::service;
+use crate::token::TokenManager;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
-/// Signals that arrived before `run` could listen for them.
-pub struct EarlySignals {
-    hangup: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-}
-
-impl EarlySignals {
-    /// The default action of SIGTERM and SIGHUP is to end the process: the
-    /// binary calls this first thing, before the runtime exists, so that a
-    /// signal during start-up is handled (TERM or INT: a clean exit; HUP: a
-    /// reload once serving), never fatal.
-    pub fn catch() -> std::io::Result<EarlySignals> {
-        let early = EarlySignals { hangup: Arc::default(), stop: Arc::default() };
-        signal_hook::flag::register(signal_hook::consts::SIGHUP, early.hangup.clone())?;
-        signal_hook::flag::register(signal_hook::consts::SIGTERM, early.stop.clone())?;
-        signal_hook::flag::register(signal_hook::consts::SIGINT, early.stop.clone())?;
-        Ok(early)
-    }
-}
-
-pub async fn run(config_path: &Path, early: EarlySignals) -> ExitCode {
-    let signals = match Signals::install() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Signals { mut hangup, terminate, interrupt } = signals;
+pub async fn run(config_path: &Path, pid_file: Option<&Path>) -> ExitCode {
     let config = match super::load_config(config_path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     crate::telemetry::init(&config.log);
-    for warning in &config.warnings {
+    log_warnings(&config);
+    let limit = service::raise_nofile_limit();
+    if let Some(warning) = service::nofile_warning(limit, &config) {
         warn!("{warning}");
     }
     let proxy = match Proxy::bind(&config).await {
@@ -57,67 +36,124 @@ pub async fn run(config_path: &Path, early: EarlySignals) -> ExitCode {
         config = %config.source.display(),
         accounts = config.accounts.len(),
         identities = config.identities.len(),
+        open_file_limit = limit,
         "xoauth2-proxy starting"
     );
-    proxy.warm_up_delegated(&config);
-    let reloader = proxy.reloader();
-    let path = config_path.to_path_buf();
-    let early_reload = early.hangup.swap(false, Ordering::SeqCst);
-    let reload_task = tokio::spawn(async move {
-        if early_reload {
-            info!("SIGHUP arrived during start-up: reloading now");
+    // Before anything tells the world the proxy runs (pid file, READY=1):
+    // until a handler is installed, SIGHUP's default action ends the process.
+    let hangup = signal(SignalKind::hangup());
+    // Written once every listener is bound, so its presence means "serving".
+    if let Some(path) = pid_file {
+        let pid = format!("{}\n", std::process::id());
+        if let Err(e) = crate::fsutil::write_atomically_with_mode(path, pid.as_bytes(), 0o644) {
+            error!("cannot write the pid file: {e}");
+            return ExitCode::FAILURE;
         }
-        let mut pending = early_reload;
-        while std::mem::take(&mut pending) || hangup.recv().await.is_some() {
-            let loaded =
-                crate::config::Config::load(&path).and_then(|config| crate::preflight::check(&config).map(|()| config));
-            let config = match loaded {
-                Ok(c) => c,
-                Err(e) => {
-                    error!("SIGHUP: the configuration has errors; keeping the current one:\n{e}");
-                    continue;
-                }
-            };
-            match reloader.reload(&config) {
-                Ok(done) => {
-                    info!("SIGHUP: reloaded {done}; listeners, identities and token_store apply at the next start")
-                }
-                Err(e) => error!("SIGHUP: keeping the current configuration: {e}"),
-            }
-        }
-    });
-    if early.stop.load(Ordering::SeqCst) {
-        info!("SIGTERM or SIGINT arrived during start-up: stopping");
-        proxy.run(std::future::ready(())).await;
-    } else {
-        proxy.run(shutdown_signal(terminate, interrupt)).await;
     }
+    proxy.warm_up_delegated(&config);
+    let status = Status {
+        listeners: proxy.local_addrs().len(),
+        accounts: Arc::new(AtomicUsize::new(config.accounts.len())),
+        reload_failed: Arc::new(AtomicBool::new(false)),
+        tokens: proxy.tokens(),
+    };
+    service::ready(&status.line());
+    let supervisor = service::supervise({
+        let status = status.clone();
+        move || status.line()
+    });
+    let reload_task = tokio::spawn(reload_on_hangup(hangup, config_path.to_path_buf(), proxy.reloader(), status));
+    proxy
+        .run(async {
+            shutdown_signal().await;
+            service::stopping("stopping: no new connections, draining sessions");
+        })
+        .await;
     reload_task.abort();
+    if let Some(task) = supervisor {
+        task.abort();
+    }
+    if let Some(path) = pid_file {
+        let _ = std::fs::remove_file(path);
+    }
     ExitCode::SUCCESS
 }
 
-/// The signals `run` acts on, registered together at start.
-struct Signals {
-    hangup: Signal,
-    terminate: Signal,
-    interrupt: Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Self> {
-        Ok(Signals {
-            hangup: signal(SignalKind::hangup())?,
-            terminate: signal(SignalKind::terminate())?,
-            interrupt: signal(SignalKind::interrupt())?,
-        })
+/// Logs what the configuration allows but deserves attention (plain-text
+/// passwords, listeners that refuse logins), one line each.
+pub fn log_warnings(config: &Config) {
+    for warning in &config.warnings {
+        warn!("{warning}");
     }
 }
 
-/// Completes on the first SIGTERM or SIGINT (including one that arrived
-/// before this was first polled).
-async fn shutdown_signal(mut terminate: Signal, mut interrupt: Signal) {
+/// What the status line is made of; the account count follows reloads.
+#[derive(Clone)]
+struct Status {
+    listeners: usize,
+    accounts: Arc<AtomicUsize>,
+    reload_failed: Arc<AtomicBool>,
+    tokens: TokenManager,
+}
+
+impl Status {
+    fn line(&self) -> String {
+        let line =
+            service::status_line(self.listeners, self.accounts.load(Ordering::Relaxed), self.tokens.valid_tokens());
+        if self.reload_failed.load(Ordering::Relaxed) {
+            format!("{line}; the last reload failed, see the log (previous configuration kept)")
+        } else {
+            line
+        }
+    }
+}
+
+/// Each SIGHUP: tell systemd a reload runs, apply the re-read configuration
+/// (or keep the current one if it has errors), tell systemd it is done.
+async fn reload_on_hangup(hangup: std::io::Result<Signal>, path: PathBuf, reloader: Reloader, status: Status) {
+    let mut hup = match hangup {
+        Ok(hup) => hup,
+        Err(e) => {
+            error!(error = %e, "cannot install the SIGHUP handler; reloading is unavailable");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        service::reloading();
+        let loaded = Config::load(&path).and_then(|config| crate::preflight::check(&config).map(|()| config));
+        let ok = match loaded {
+            Ok(config) => match reloader.reload(&config) {
+                Ok(done) => {
+                    log_warnings(&config);
+                    status.accounts.store(config.accounts.len(), Ordering::Relaxed);
+                    info!("SIGHUP: reloaded {done}; listeners, identities and token_store apply at the next start");
+                    true
+                }
+                Err(e) => {
+                    error!("SIGHUP: keeping the current configuration: {e}");
+                    false
+                }
+            },
+            Err(e) => {
+                error!("SIGHUP: the configuration has errors; keeping the current one:\n{e}");
+                false
+            }
+        };
+        status.reload_failed.store(!ok, Ordering::Relaxed);
+        service::ready(&status.line());
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the only way out is being killed; say so.
+        error!("cannot install signal handlers; graceful shutdown unavailable");
+        std::future::pending::<()>().await;
+        return;
+    };
     tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM received"),
-        _ = interrupt.recv() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
     }
 }

@@ -1,7 +1,7 @@
 //! `xoauth2-proxy token ACCOUNT`: print or write a valid access token, for
 //! imapsync's `--oauthaccesstoken1` and scripts.
 
-use crate::config::{Config, IdentityConfig};
+use crate::config::{Config, IdentityConfig, TokenStoreKey};
 use crate::fsutil::write_atomically;
 use crate::token::provider::{self, Source};
 use std::path::Path;
@@ -27,6 +27,13 @@ pub async fn run(config_path: &Path, account: &str, output: Option<&Path>, min_l
 pub(super) fn source(config: &Config, identity: &IdentityConfig) -> Result<Source, String> {
     crate::tls::install_default_provider();
     let tls = crate::tls::client_config(config.upstream_ca_file.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(store) = &config.token_store {
+        // Opening the store creates its key file on first use.
+        super::owner::check_writer(&store.path)?;
+        if let TokenStoreKey::File(key) = &store.key {
+            super::owner::check_writer(key)?;
+        }
+    }
     let ctx = crate::token::context_for(config, tls).map_err(|e| e.to_string())?;
     provider::source_for(identity, &ctx).map_err(|e| e.to_string())
 }

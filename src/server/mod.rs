@@ -183,6 +183,11 @@ impl Proxy {
         Ok(results)
     }
 
+    /// The token cache the sessions use (for the service status line).
+    pub fn tokens(&self) -> TokenManager {
+        self.shared.tokens.clone()
+    }
+
     /// A handle that applies a re-read configuration while [`Proxy::run`] owns the proxy.
     pub fn reloader(&self) -> Reloader {
         Reloader { slot: self.server_tls.clone(), shared: self.shared.clone() }

@@ -238,6 +238,15 @@ impl TokenManager {
         result
     }
 
+    /// How many cached tokens are still valid ("warm"), for the status line.
+    pub fn valid_tokens(&self) -> usize {
+        self.inner
+            .slots
+            .iter()
+            .filter(|slot| slot.state().current.as_ref().is_some_and(|t| !t.remaining().is_zero()))
+            .count()
+    }
+
     /// Forgets `token` if it is still the cached one for `key`: the upstream
     /// refused it, so the next [`get`](Self::get) must fetch a new one.
     pub fn invalidate(&self, key: &TokenKey, token: &AccessToken) {
@@ -485,6 +494,19 @@ mod tests {
         assert!(before >= 2);
         assert!(m.get(&key).await.unwrap().expose().starts_with("token-"));
         assert_eq!(calls(&source), before, "the background refresh had a token ready");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn valid_tokens_counts_cached_tokens_until_they_expire() {
+        let (m, source) = manager(Duration::from_secs(60), Duration::ZERO, true);
+        assert_eq!(m.valid_tokens(), 0);
+        m.get(&m.key_for("contoso", "alice")).await.unwrap();
+        m.get(&m.key_for("contoso", "bob")).await.unwrap();
+        assert_eq!(m.valid_tokens(), 2);
+        // The endpoint goes down: no refresh succeeds, and the tokens expire.
+        source.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(m.valid_tokens(), 0);
     }
 
     #[tokio::test(start_paused = true)]
