@@ -117,6 +117,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Exit 0 if URL answers 2xx (for container health checks).
+    Probe {
+        /// The URL to ask.
+        #[arg(default_value = cli::probe::DEFAULT_URL)]
+        url: String,
+        /// Give up after this long (e.g. 5s).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Write man pages or shell completions into DIR (for packagers).
     #[command(hide = true)]
     Generate { what: cli::generate::What, dir: PathBuf },
@@ -156,6 +165,7 @@ fn main() -> ExitCode {
         }
         Command::HashPassword => cli::hash_password::run(),
         Command::GenCert { out, hosts, days, force } => cli::gen_cert::run(&out, &hosts, days, force),
+        Command::Probe { url, timeout } => runtime.block_on(cli::probe::run(&url, timeout)),
         Command::Generate { what, dir } => cli::generate::run(Cli::command(), what, &dir),
     }
 }

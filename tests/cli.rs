@@ -192,3 +192,35 @@ fn root_is_sent_to_the_service_user_for_files_the_service_reads() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("sudo -u nobody"), "{out:?}");
     assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "nothing was written: no key, no certificate");
 }
+
+/// A one-shot HTTP server on loopback answering `status` to the first request.
+fn answer_once(status: &'static str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = stream.read(&mut request);
+        let body = "{\"reason\":\"identity contoso has no token\"}";
+        let _ =
+            write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    });
+    url
+}
+
+#[tokio::test]
+async fn probe_succeeds_only_on_a_2xx_answer() {
+    let run = |url: String| binary().args(["probe", &url, "--timeout", "5s"]).output().unwrap();
+    let ok = run(answer_once("200 OK"));
+    assert!(ok.status.success(), "{ok:?}");
+    let unready = run(answer_once("503 Service Unavailable"));
+    assert_eq!(unready.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unready.stderr)
+            .contains("503 Service Unavailable {\"reason\":\"identity contoso has no token\"}"),
+        "{unready:?}"
+    );
+    let down = run(format!("http://{}/healthz", closed_port().await));
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+}

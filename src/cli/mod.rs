@@ -6,6 +6,7 @@ pub mod generate;
 pub mod hash_password;
 pub mod login;
 mod owner;
+pub mod probe;
 pub mod reload;
 pub mod run;
 pub mod token;
