@@ -110,7 +110,7 @@ check_installed() {
   setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups /usr/bin/xoauth2-proxy check -c "$CONF" >/dev/null \
     || die "the service user cannot read $CONF"
   # The shipped config must not listen beyond loopback nor need a secret.
-  if grep -Eq '^\s*bind:\s*"?(0\.0\.0\.0|\[::\])' "$CONF" || grep -q '\${' "$CONF"; then
+  if grep -v '^\s*#' "$CONF" | grep -Eq 'bind:\s*"?(0\.0\.0\.0|\[::\])|\$\{'; then
     die "$CONF listens beyond loopback or needs a variable"
   fi
 }

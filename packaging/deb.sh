@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 BIN=${PACKAGING_BIN:-target/release/xoauth2-proxy}
 [[ -x $BIN ]] || { echo "no release binary at $BIN: cargo build --release --locked --bin xoauth2-proxy" >&2; exit 1; }
 command -v cargo-deb >/dev/null || { echo "cargo-deb is missing: cargo install cargo-deb --locked --no-default-features" >&2; exit 1; }
-# cargo-deb packages target/release/{man,completions}, listed in Cargo.toml.
-rm -rf target/release/man target/release/completions
-"$BIN" generate man target/release/man
-"$BIN" generate completions target/release/completions
+# The paths Cargo.toml's assets list (not under target/release, which cargo-deb
+# treats as build output and would not compress).
+rm -rf target/packaging
+"$BIN" generate man target/packaging/man
+"$BIN" generate completions target/packaging/completions
 cargo deb --no-build --locked --quiet --output target/debian/ | tail -n 1

@@ -251,3 +251,19 @@ fn a_limit_too_low_for_max_connections_is_one_warning() {
     assert!(warnings[0].contains("the open-file limit is 1024: room for about 492 sessions"), "{}", warnings[0]);
     assert!(warnings[0].contains("LimitNOFILE="), "{}", warnings[0]);
 }
+
+/// The Debian package's /etc/xoauth2-proxy/config.yaml (also the container
+/// image's) starts as shipped: no variable, no file, loopback only.
+#[test]
+fn the_shipped_config_is_safe_to_start() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/debian/config.yaml");
+    let no_env: std::collections::HashMap<String, String> = Default::default();
+    let config = xoauth2_proxy::config::Config::load_with_env(&path, &no_env).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!config.listeners.is_empty());
+    for l in &config.listeners {
+        assert!(l.bind.ip().is_loopback(), "{} binds {}", l.name, l.bind);
+    }
+    assert!(config.accounts.is_empty() && config.identities.is_empty(), "no account works until the admin adds one");
+    assert_eq!(config.token_store.as_ref().map(|s| s.path.as_path()), Some(Path::new("/var/lib/xoauth2-proxy")));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}

@@ -81,10 +81,10 @@ entry=$(inspect '{{.Docker.Config.Entrypoint}} {{.Docker.Config.Cmd}}')
 say "user $user; volumes $volumes; health check $health; entry point $entry"
 
 ctr=$(buildah "${STORE[@]}" from localhost/xoauth2-proxy:ci)
-owner=$(buildah "${STORE[@]}" run --isolation chroot --user 65532:65532 "$ctr" -- \
-  /usr/bin/xoauth2-proxy check -c /etc/xoauth2-proxy/config.yaml 2>&1 | head -n 1) \
-  || fail "the image's binary rejects the image's config: $owner"
-say "inside the image: $owner"
+checked=$(buildah "${STORE[@]}" run --isolation chroot --user 65532:65532 "$ctr" -- \
+  /usr/bin/xoauth2-proxy check -c /etc/xoauth2-proxy/config.yaml 2>&1) \
+  || fail "the image's binary rejects the image's config: $checked"
+say "inside the image, as 65532: ${checked%%$'\n'*}"
 mnt_owner=$(buildah "${STORE[@]}" run --isolation chroot "$ctr" -- stat -c '%u:%g %a' /var/lib/xoauth2-proxy)
 [[ $mnt_owner == "65532:65532 700" ]] || fail "/var/lib/xoauth2-proxy in the image is $mnt_owner"
 size=$(buildah "${STORE[@]}" images --format '{{.Size}}' localhost/xoauth2-proxy:ci | head -n 1)
