@@ -40,8 +40,10 @@ pub async fn run(config_path: &Path, pid_file: Option<&Path>) -> ExitCode {
         "xoauth2-proxy starting"
     );
     // Before anything tells the world the proxy runs (pid file, READY=1):
-    // until a handler is installed, SIGHUP's default action ends the process.
+    // until handlers are installed, SIGHUP's and SIGTERM's default action
+    // ends the process.
     let hangup = signal(SignalKind::hangup());
+    let shutdown = ShutdownSignals::install();
     // Written once every listener is bound, so its presence means "serving".
     if let Some(path) = pid_file {
         let pid = format!("{}\n", std::process::id());
@@ -65,7 +67,7 @@ pub async fn run(config_path: &Path, pid_file: Option<&Path>) -> ExitCode {
     let reload_task = tokio::spawn(reload_on_hangup(hangup, config_path.to_path_buf(), proxy.reloader(), status));
     proxy
         .run(async {
-            shutdown_signal().await;
+            shutdown.recv().await;
             service::stopping("stopping: no new connections, draining sessions");
         })
         .await;
@@ -144,16 +146,30 @@ async fn reload_on_hangup(hangup: std::io::Result<Signal>, path: PathBuf, reload
     }
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the only way out is being killed; say so.
-        error!("cannot install signal handlers; graceful shutdown unavailable");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+/// SIGTERM and SIGINT handlers, installed before the proxy says it runs:
+/// a SIGTERM right after READY=1 must drain, not kill.
+struct ShutdownSignals(Option<(Signal, Signal)>);
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(term), Ok(int)) => ShutdownSignals(Some((term, int))),
+            _ => {
+                // Without signal handlers the only way out is being killed; say so.
+                error!("cannot install signal handlers; graceful shutdown unavailable");
+                ShutdownSignals(None)
+            }
+        }
+    }
+
+    /// Completes on the first SIGTERM or SIGINT.
+    async fn recv(self) {
+        let Some((mut term, mut int)) = self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
     }
 }
