@@ -2,6 +2,8 @@
 //! (READY, RELOADING, STOPPING, STATUS, WATCHDOG over a notify socket, as
 //! systemd reads them), `reload` (validate, then SIGHUP; a broken config is
 //! never signalled), the pid file, and the open-file limit.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
