@@ -137,6 +137,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let early = match cli.command {
+        Command::Run { .. } => match cli::run::EarlySignals::catch() {
+            Ok(early) => Some(early),
+            Err(e) => {
+                eprintln!("error: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -144,8 +154,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
-        Command::Run { config, pid_file } => runtime.block_on(cli::run::run(&config.config, pid_file.as_deref())),
+    let code = match cli.command {
+        Command::Run { config, pid_file } => match early {
+            Some(early) => runtime.block_on(cli::run::run(&config.config, pid_file.as_deref(), early)),
+            None => ExitCode::FAILURE,
+        },
         Command::Check { config, online } => runtime.block_on(cli::check::run(&config.config, online)),
         Command::Reload { config, pid, pid_file } => {
             let target = match (pid, &pid_file) {
@@ -167,5 +180,9 @@ fn main() -> ExitCode {
         Command::GenCert { out, hosts, days, force } => cli::gen_cert::run(&out, &hosts, days, force),
         Command::Probe { url, timeout } => runtime.block_on(cli::probe::run(&url, timeout)),
         Command::Generate { what, dir } => cli::generate::run(Cli::command(), what, &dir),
-    }
+    };
+    // Do not wait for blocking work (a config read on a stuck file system)
+    // once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

@@ -13,7 +13,30 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
-pub async fn run(config_path: &Path, pid_file: Option<&Path>) -> ExitCode {
+/// Signals that arrived before `run` could listen for them.
+pub struct EarlySignals {
+    hangup: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl EarlySignals {
+    /// The default action of SIGTERM and SIGHUP is to end the process: the
+    /// binary calls this first thing, before the runtime exists, so that a
+    /// signal during start-up is handled (TERM or INT: a clean exit; HUP: a
+    /// reload once serving), never fatal.
+    pub fn catch() -> std::io::Result<EarlySignals> {
+        let early = EarlySignals { hangup: Arc::default(), stop: Arc::default() };
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, early.hangup.clone())?;
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, early.stop.clone())?;
+        signal_hook::flag::register(signal_hook::consts::SIGINT, early.stop.clone())?;
+        Ok(early)
+    }
+}
+
+pub async fn run(config_path: &Path, pid_file: Option<&Path>, early: EarlySignals) -> ExitCode {
+    // The streams see every signal from here on; `early` saw those before.
+    let hangup = signal(SignalKind::hangup());
+    let shutdown = ShutdownSignals::install();
     let config = match super::load_config(config_path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -39,11 +62,6 @@ pub async fn run(config_path: &Path, pid_file: Option<&Path>) -> ExitCode {
         open_file_limit = limit,
         "xoauth2-proxy starting"
     );
-    // Before anything tells the world the proxy runs (pid file, READY=1):
-    // until handlers are installed, SIGHUP's and SIGTERM's default action
-    // ends the process.
-    let hangup = signal(SignalKind::hangup());
-    let shutdown = ShutdownSignals::install();
     // Written once every listener is bound, so its presence means "serving".
     if let Some(path) = pid_file {
         let pid = format!("{}\n", std::process::id());
@@ -64,10 +82,18 @@ pub async fn run(config_path: &Path, pid_file: Option<&Path>) -> ExitCode {
         let status = status.clone();
         move || status.line()
     });
-    let reload_task = tokio::spawn(reload_on_hangup(hangup, config_path.to_path_buf(), proxy.reloader(), status));
+    let early_reload = early.hangup.swap(false, Ordering::SeqCst);
+    let reload_task =
+        tokio::spawn(reload_on_hangup(hangup, early_reload, config_path.to_path_buf(), proxy.reloader(), status));
+    let stop_now = early.stop.load(Ordering::SeqCst);
+    if stop_now {
+        info!("SIGTERM or SIGINT arrived during start-up: stopping");
+    }
     proxy
         .run(async {
-            shutdown.recv().await;
+            if !stop_now {
+                shutdown.recv().await;
+            }
             service::stopping("stopping: no new connections, draining sessions");
         })
         .await;
@@ -112,7 +138,14 @@ impl Status {
 
 /// Each SIGHUP: tell systemd a reload runs, apply the re-read configuration
 /// (or keep the current one if it has errors), tell systemd it is done.
-async fn reload_on_hangup(hangup: std::io::Result<Signal>, path: PathBuf, reloader: Reloader, status: Status) {
+/// `pending`: a SIGHUP came during start-up; it is applied first.
+async fn reload_on_hangup(
+    hangup: std::io::Result<Signal>,
+    mut pending: bool,
+    path: PathBuf,
+    reloader: Reloader,
+    status: Status,
+) {
     let mut hup = match hangup {
         Ok(hup) => hup,
         Err(e) => {
@@ -120,9 +153,18 @@ async fn reload_on_hangup(hangup: std::io::Result<Signal>, path: PathBuf, reload
             return;
         }
     };
-    while hup.recv().await.is_some() {
+    if pending {
+        info!("SIGHUP arrived during start-up: reloading now");
+    }
+    while std::mem::take(&mut pending) || hup.recv().await.is_some() {
         service::reloading();
-        let loaded = Config::load(&path).and_then(|config| crate::preflight::check(&config).map(|()| config));
+        // Reading files blocks: keep it off the threads that serve clients.
+        let path = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            Config::load(&path).and_then(|config| crate::preflight::check(&config).map(|()| config))
+        })
+        .await;
+        let Ok(loaded) = loaded else { continue };
         let ok = match loaded {
             Ok(config) => match reloader.reload(&config) {
                 Ok(done) => {
