@@ -1,22 +1,15 @@
 //! Local accounts: what a legacy client types, and where it maps to.
 //!
-//! Passwords are argon2id PHC strings (or, with a warning, plain text).
-//! Verification runs on the blocking pool because argon2 is deliberately slow,
-//! and an unknown username costs the same as a wrong password so that timing
-//! does not reveal which usernames exist.
-//!
-//! Hashing on every login would cap logins per second (a printer that opens a
-//! session per page), so recent successful verifications are remembered: a
-//! bounded set of HMAC-SHA256 tags of username and password under a key made
-//! at random when the accounts are loaded. The set dies with the `Accounts`
-//! (a config reload makes a new one), and holds no password or hash of one
-//! that could be attacked offline without the in-memory key.
+//! Passwords are argon2id PHC strings (or, with a warning, plain text),
+//! checked by the [`Verifier`] pool; an unknown username is checked against
+//! a decoy there, so it costs what a wrong password costs and timing does
+//! not reveal which usernames exist.
 
 use crate::config::{AccountConfig, Config, PasswordConfig};
 use crate::sasl::Credentials;
 use crate::secret::Secret;
-use argon2::password_hash::phc::PasswordHash;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use crate::verifier::{Hash, Verdict, Verifier};
+use argon2::password_hash::PasswordHasher;
 use argon2::Argon2;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,8 +26,11 @@ pub struct Account {
 
 #[derive(Debug)]
 enum Password {
-    Hash(String),
+    Hash(Arc<Hash>),
     Plain(Secret<String>),
+    /// A hash the config check accepted but this build cannot use: nobody
+    /// logs in with it (never reached with a validated config).
+    Unusable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -43,60 +39,12 @@ pub enum AuthError {
     UnknownUser,
     #[error("wrong password")]
     WrongPassword,
+    #[error("password verification overloaded")]
+    Overloaded,
 }
 
 pub struct Accounts {
     by_username: HashMap<String, Arc<Account>>,
-    /// Verified against when the username is unknown, to spend the same time.
-    decoy_hash: String,
-    verified: VerifiedCache,
-}
-
-/// How many recent verifications are remembered, and for how long.
-const VERIFIED_CAPACITY: usize = 1024;
-const VERIFIED_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// Tags with the time they were verified, and their insertion order for eviction.
-type Entries = (HashMap<Vec<u8>, tokio::time::Instant>, std::collections::VecDeque<Vec<u8>>);
-
-struct VerifiedCache {
-    key: ring::hmac::Key,
-    entries: std::sync::Mutex<Entries>,
-}
-
-impl VerifiedCache {
-    fn new() -> Self {
-        let rng = ring::rand::SystemRandom::new();
-        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-            .unwrap_or_else(|_| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()));
-        VerifiedCache { key, entries: std::sync::Mutex::new((HashMap::new(), std::collections::VecDeque::new())) }
-    }
-
-    fn tag(&self, username: &str, password: &[u8]) -> Vec<u8> {
-        let mut ctx = ring::hmac::Context::with_key(&self.key);
-        ctx.update(username.to_lowercase().as_bytes());
-        ctx.update(b"\0");
-        ctx.update(password);
-        ctx.sign().as_ref().to_vec()
-    }
-
-    fn contains(&self, tag: &[u8]) -> bool {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.0.get(tag).is_some_and(|at| at.elapsed() < VERIFIED_TTL)
-    }
-
-    fn insert(&self, tag: Vec<u8>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let (map, order) = &mut *entries;
-        if map.insert(tag.clone(), tokio::time::Instant::now()).is_none() {
-            order.push_back(tag);
-        }
-        while order.len() > VERIFIED_CAPACITY {
-            if let Some(oldest) = order.pop_front() {
-                map.remove(&oldest);
-            }
-        }
-    }
 }
 
 impl Accounts {
@@ -109,7 +57,9 @@ impl Accounts {
             .iter()
             .map(|a| {
                 let password = match &a.password {
-                    PasswordConfig::Hash(h) => Password::Hash(h.clone()),
+                    PasswordConfig::Hash(h) => {
+                        Hash::parse(h).map_or(Password::Unusable, |h| Password::Hash(Arc::new(h)))
+                    }
                     PasswordConfig::Plain(p) => Password::Plain(p.clone()),
                 };
                 let account = Account {
@@ -122,9 +72,7 @@ impl Accounts {
                 (a.username.to_lowercase(), Arc::new(account))
             })
             .collect();
-        // Hash cost matches the default cost that `hash-password` uses.
-        let decoy_hash = hash_password(b"decoy password for unknown usernames").unwrap_or_default();
-        Accounts { by_username, decoy_hash, verified: VerifiedCache::new() }
+        Accounts { by_username }
     }
 
     pub fn lookup(&self, username: &str) -> Option<&Arc<Account>> {
@@ -139,36 +87,44 @@ impl Accounts {
         self.by_username.is_empty()
     }
 
+    /// The largest argon2 memory cost among the hashes (KiB), to size the
+    /// verification workers' memory.
+    pub fn max_m_cost(&self) -> u32 {
+        self.by_username
+            .values()
+            .filter_map(|a| match &a.password {
+                Password::Hash(h) => Some(h.m_cost()),
+                Password::Plain(_) | Password::Unusable => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Checks a username and password. Usernames match without regard to case.
-    pub async fn verify(&self, credentials: &Credentials) -> Result<Arc<Account>, AuthError> {
+    pub async fn verify(&self, credentials: &Credentials, verifier: &Verifier) -> Result<Arc<Account>, AuthError> {
+        let password = &credentials.password;
         let Some(account) = self.lookup(&credentials.username).cloned() else {
             // Spend the time a real check would take, then refuse.
-            let (decoy, password) = (self.decoy_hash.clone(), credentials.password.clone());
-            let _ = tokio::task::spawn_blocking(move || verify_hash(&decoy, password.expose())).await;
-            return Err(AuthError::UnknownUser);
+            return match verifier.verify(&credentials.username, None, password).await {
+                Verdict::Overloaded => Err(AuthError::Overloaded),
+                Verdict::Match | Verdict::Mismatch => Err(AuthError::UnknownUser),
+            };
         };
-        let matches = match &account.password {
-            Password::Plain(expected) => constant_time_eq(credentials.password.expose(), expected.expose().as_bytes()),
-            Password::Hash(hash) => {
-                let tag = self.verified.tag(&credentials.username, credentials.password.expose());
-                if self.verified.contains(&tag) {
-                    true
+        let verdict = match &account.password {
+            Password::Plain(expected) => {
+                if constant_time_eq(password.expose(), expected.expose().as_bytes()) {
+                    Verdict::Match
                 } else {
-                    let (hash, password) = (hash.clone(), credentials.password.clone());
-                    let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, password.expose()))
-                        .await
-                        .unwrap_or(false);
-                    if ok {
-                        self.verified.insert(tag);
-                    }
-                    ok
+                    Verdict::Mismatch
                 }
             }
+            Password::Hash(hash) => verifier.verify(&credentials.username, Some(hash), password).await,
+            Password::Unusable => Verdict::Mismatch,
         };
-        if matches {
-            Ok(account)
-        } else {
-            Err(AuthError::WrongPassword)
+        match verdict {
+            Verdict::Match => Ok(account),
+            Verdict::Mismatch => Err(AuthError::WrongPassword),
+            Verdict::Overloaded => Err(AuthError::Overloaded),
         }
     }
 }
@@ -180,13 +136,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     da.as_ref().ct_eq(db.as_ref()).into()
 }
 
-fn verify_hash(phc: &str, password: &[u8]) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
-        Err(_) => false,
-    }
-}
-
 /// A new argon2id PHC string with a random salt and the crate's default cost.
 pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::Error> {
     Argon2::default().hash_password(password).map(|h| h.to_string())
@@ -195,6 +144,7 @@ pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::E
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verifier::PoolConfig;
 
     fn creds(user: &str, pass: &str) -> Credentials {
         Credentials { username: user.into(), password: Secret::new(pass.as_bytes().to_vec()) }
@@ -219,40 +169,12 @@ mod tests {
             account("Printer", PasswordConfig::Hash(hash)),
             account("app", PasswordConfig::Plain(Secret::new("pw".into()))),
         ]);
-        assert_eq!(accounts.verify(&creds("printer", "s3cret")).await.unwrap().username, "Printer");
-        assert_eq!(accounts.verify(&creds("PRINTER", "s3cret")).await.unwrap().mailbox, "Printer@example.com");
-        assert_eq!(accounts.verify(&creds("printer", "s3cre")).await.unwrap_err(), AuthError::WrongPassword);
-        assert_eq!(accounts.verify(&creds("app", "pw")).await.unwrap().username, "app");
-        assert_eq!(accounts.verify(&creds("app", "pw ")).await.unwrap_err(), AuthError::WrongPassword);
-        assert_eq!(accounts.verify(&creds("nobody", "pw")).await.unwrap_err(), AuthError::UnknownUser);
-    }
-
-    #[tokio::test]
-    async fn successful_verifications_are_remembered_per_password() {
-        let accounts = Accounts::new(&[account("printer", PasswordConfig::Hash(hash_password(b"right").unwrap()))]);
-        let started = std::time::Instant::now();
-        assert!(accounts.verify(&creds("printer", "right")).await.is_ok());
-        let first = started.elapsed();
-        let started = std::time::Instant::now();
-        for _ in 0..20 {
-            assert!(accounts.verify(&creds("Printer", "right")).await.is_ok());
-        }
-        assert!(started.elapsed() < first, "20 cached verifications took longer than one argon2 run");
-        // A wrong password is never served from the cache.
-        assert_eq!(accounts.verify(&creds("printer", "wrong")).await.unwrap_err(), AuthError::WrongPassword);
-        // A reloaded account set starts empty.
-        let reloaded = Accounts::new(&[account("printer", PasswordConfig::Hash(hash_password(b"new").unwrap()))]);
-        assert_eq!(reloaded.verify(&creds("printer", "right")).await.unwrap_err(), AuthError::WrongPassword);
-    }
-
-    #[test]
-    fn the_cache_is_bounded() {
-        let cache = VerifiedCache::new();
-        for i in 0..(VERIFIED_CAPACITY + 10) {
-            cache.insert(cache.tag(&format!("user{i}"), b"pw"));
-        }
-        assert!(!cache.contains(&cache.tag("user0", b"pw")));
-        assert!(cache.contains(&cache.tag(&format!("user{}", VERIFIED_CAPACITY + 9), b"pw")));
-        assert_eq!(cache.entries.lock().unwrap().0.len(), VERIFIED_CAPACITY);
+        let v = Verifier::start(&PoolConfig::default(), accounts.max_m_cost());
+        assert_eq!(accounts.verify(&creds("printer", "s3cret"), &v).await.unwrap().username, "Printer");
+        assert_eq!(accounts.verify(&creds("PRINTER", "s3cret"), &v).await.unwrap().mailbox, "Printer@example.com");
+        assert_eq!(accounts.verify(&creds("printer", "s3cre"), &v).await.unwrap_err(), AuthError::WrongPassword);
+        assert_eq!(accounts.verify(&creds("app", "pw"), &v).await.unwrap().username, "app");
+        assert_eq!(accounts.verify(&creds("app", "pw "), &v).await.unwrap_err(), AuthError::WrongPassword);
+        assert_eq!(accounts.verify(&creds("nobody", "pw"), &v).await.unwrap_err(), AuthError::UnknownUser);
     }
 }

@@ -42,3 +42,4 @@ pub mod text;
 pub mod tls;
 pub mod token;
 pub mod upstream;
+pub mod verifier;

@@ -171,11 +171,6 @@ async fn error_rows() {
     c.expect("t NO [AUTHENTICATIONFAILED]").await;
     assert_eq!(h.token.requests(), 0);
 
-    h.token.set_fault(Some(Fault::Status(500)));
-    c.send(&login).await;
-    c.expect("t NO [UNAVAILABLE]").await;
-    h.token.set_fault(None);
-
     h.imap.set_temporary_failure(true);
     c.send(&login).await;
     c.expect("t NO [UNAVAILABLE]").await;
@@ -200,6 +195,15 @@ async fn error_rows() {
     c.expect("no-command-here BAD").await;
     c.send(&login).await;
     c.expect("t OK").await;
+
+    // The token endpoint down: a temporary failure (and, for the backoff
+    // that follows, for every login until it ends).
+    let h = Harness::start().await;
+    h.token.set_fault(Some(Fault::Status(500)));
+    let mut c = h.connect("imap").await;
+    greeting(&mut c).await;
+    c.send(&login).await;
+    c.expect("t NO [UNAVAILABLE]").await;
 }
 
 #[tokio::test]

@@ -107,12 +107,6 @@ async fn error_rows() {
     c.expect("-ERR [AUTH]").await;
     assert_eq!(h.token.requests(), 0);
 
-    h.token.set_fault(Some(Fault::Hangup));
-    c.send(&login).await;
-    c.expect("+OK").await;
-    c.expect("-ERR [SYS/TEMP]").await;
-    h.token.set_fault(None);
-
     h.pop3.set_temporary_failure(true);
     c.send(&login).await;
     c.expect("+OK").await;
@@ -135,6 +129,16 @@ async fn error_rows() {
     c.send(&login).await;
     c.expect("+OK").await;
     c.expect("+OK").await;
+
+    // The token endpoint down: a temporary failure (and, for the backoff
+    // that follows, for every login until it ends).
+    let h = Harness::start().await;
+    h.token.set_fault(Some(Fault::Hangup));
+    let mut c = h.connect("pop3").await;
+    c.expect("+OK").await;
+    c.send(&login).await;
+    c.expect("+OK").await;
+    c.expect("-ERR [SYS/TEMP]").await;
 }
 
 #[tokio::test]

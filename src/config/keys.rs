@@ -28,21 +28,33 @@ pub fn parse_store_key(text: &str) -> Result<Secret<Vec<u8>>, KeyError> {
     Ok(key)
 }
 
+/// The largest argon2 memory cost (KiB) accepted: far above any sane
+/// setting (the default is 19 MiB), low enough that a config cannot make the
+/// verification workers exhaust the host.
+pub const MAX_M_COST: u32 = 256 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PhcError {
     #[error("not a valid PHC hash string ({0}); generate one with `xoauth2-proxy hash-password`")]
     Invalid(String),
     #[error("unsupported hash algorithm {0:?}; use argon2id (`xoauth2-proxy hash-password`)")]
     Algorithm(String),
+    #[error("memory cost m={0} KiB is above the {MAX_M_COST} KiB allowed; use `xoauth2-proxy hash-password`")]
+    TooCostly(u32),
 }
 
-/// Checks that a `password_hash` is an argon2 PHC string.
+/// Checks that a `password_hash` is an argon2 PHC string of a usable cost.
 pub fn check_phc(phc: &str) -> Result<(), PhcError> {
     let parsed = PasswordHash::new(phc).map_err(|e| PhcError::Invalid(e.to_string()))?;
     match parsed.algorithm.as_str() {
-        "argon2id" | "argon2i" | "argon2d" => Ok(()),
-        other => Err(PhcError::Algorithm(other.to_string())),
+        "argon2id" | "argon2i" | "argon2d" => {}
+        other => return Err(PhcError::Algorithm(other.to_string())),
     }
+    let params = argon2::Params::try_from(&parsed).map_err(|e| PhcError::Invalid(e.to_string()))?;
+    if params.m_cost() > MAX_M_COST {
+        return Err(PhcError::TooCostly(params.m_cost()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ pub struct Config {
     /// Upstream sessions (logins in progress and spliced) per mailbox, across listeners.
     pub max_sessions_per_mailbox: usize,
     pub login_throttle: LoginThrottle,
+    pub password_verification: PasswordVerification,
     /// Things that are allowed but deserve the admin's attention.
     pub warnings: Vec<String>,
 }
@@ -62,7 +63,13 @@ pub struct ListenerConfig {
 pub struct Limits {
     pub max_line_length: usize,
     pub max_auth_failures: u32,
+    /// Commands refused before login (syntax, unknown, too long...) after
+    /// which the connection is closed.
+    pub max_bad_commands: u32,
+    /// Silence allowed before login.
     pub preauth_timeout: Duration,
+    /// From accept to authenticated, whatever the client does.
+    pub login_deadline: Duration,
     pub idle_timeout: Duration,
     pub upstream_timeout: Duration,
     pub max_connections: usize,
@@ -72,7 +79,9 @@ pub struct Limits {
 impl Limits {
     pub const DEFAULT_MAX_LINE_LENGTH: usize = 8192;
     pub const DEFAULT_MAX_AUTH_FAILURES: u32 = 3;
+    pub const DEFAULT_MAX_BAD_COMMANDS: u32 = 10;
     pub const DEFAULT_PREAUTH_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_LOGIN_DEADLINE: Duration = Duration::from_secs(60);
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
     pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
     pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
@@ -103,6 +112,24 @@ impl Default for LoginThrottle {
 }
 
 pub const DEFAULT_MAX_SESSIONS_PER_MAILBOX: usize = 10;
+
+/// How the argon2 verification pool is sized (`password_verification`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordVerification {
+    /// Worker threads, each with its own argon2 memory.
+    pub workers: usize,
+    /// Attempts waiting for a worker; more get the temporary-failure answer.
+    pub queue: usize,
+    /// How long an attempt may wait for its verification.
+    pub timeout: Duration,
+}
+
+impl Default for PasswordVerification {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        PasswordVerification { workers: cores.clamp(1, 16), queue: 64, timeout: Duration::from_secs(10) }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddr {

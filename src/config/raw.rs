@@ -32,6 +32,20 @@ pub struct RawConfig {
     pub max_sessions_per_mailbox: Option<usize>,
     #[serde(default)]
     pub login_throttle: Option<RawLoginThrottle>,
+    #[serde(default)]
+    pub password_verification: Option<RawPasswordVerification>,
+}
+
+/// The pool that runs argon2 verifications.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPasswordVerification {
+    #[serde(default)]
+    pub workers: Option<usize>,
+    #[serde(default)]
+    pub queue: Option<usize>,
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
 }
 
 /// Delays after repeated failed logins from one client address or for one username.
@@ -69,6 +83,10 @@ pub struct RawListener {
     pub max_auth_failures: Option<u32>,
     #[serde(default)]
     pub preauth_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub login_deadline: Option<HumanDuration>,
+    #[serde(default)]
+    pub max_bad_commands: Option<u32>,
     #[serde(default)]
     pub idle_timeout: Option<HumanDuration>,
     #[serde(default)]

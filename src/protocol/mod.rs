@@ -50,6 +50,9 @@ pub struct SessionOptions {
     pub max_line: usize,
     /// Failed authentications after which the connection is closed.
     pub max_auth_failures: u32,
+    /// Refused commands (syntax, unknown, too long, malformed SASL) after
+    /// which the connection is closed.
+    pub max_bad_commands: u32,
     /// STARTTLS is configured on this listener.
     pub starttls: bool,
     /// The connection is encrypted (implicit TLS, or after STARTTLS).
@@ -243,6 +246,7 @@ pub(crate) mod testing {
         SessionOptions {
             max_line: 1024,
             max_auth_failures: 3,
+            max_bad_commands: 10,
             starttls: false,
             tls_active: false,
             require_tls: false,

@@ -177,6 +177,7 @@ pub struct PreAuth<D: Dialect> {
     opts: SessionOptions,
     state: State,
     failures: FailureCount,
+    bad_commands: FailureCount,
 }
 
 impl<D: Dialect> PreAuth<D> {
@@ -184,9 +185,22 @@ impl<D: Dialect> PreAuth<D> {
         PreAuth {
             dialect: D::new(upstream_caps, &opts),
             failures: FailureCount::new(opts.max_auth_failures),
+            bad_commands: FailureCount::new(opts.max_bad_commands),
             opts,
             state: State::Commands,
         }
+    }
+
+    /// Answers a refused command; past the limit, says goodbye instead of
+    /// reading more (a client sending garbage gets a bounded number of
+    /// answers, not one per line for as long as it keeps going).
+    fn refuse(&mut self, failure: Failure, tag: Option<&str>, out: &mut Vec<u8>) -> Option<Next> {
+        D::failure(failure, tag, out);
+        if self.bad_commands.exhausted_after_one_more() {
+            D::failure(Failure::TooManyErrors, None, out);
+            return Some(self.close());
+        }
+        None
     }
 
     pub fn greeting(&mut self, out: &mut Vec<u8>) {
@@ -211,8 +225,11 @@ impl<D: Dialect> PreAuth<D> {
                         Ok(Some(line)) => line,
                         Ok(None) => return Next::Read,
                         Err(LineError::TooLong) => {
-                            D::failure(Failure::LineTooLong, tag.as_deref(), out);
+                            let tag = tag.take();
                             self.state = State::Commands;
+                            if let Some(next) = self.refuse(Failure::LineTooLong, tag.as_deref(), out) {
+                                return next;
+                            }
                             continue;
                         }
                     };
@@ -223,8 +240,11 @@ impl<D: Dialect> PreAuth<D> {
                             return self.login(tag, credentials);
                         }
                         Err(e) => {
-                            D::failure(sasl_failure(e), tag.as_deref(), out);
+                            let (tag, failure) = (tag.take(), sasl_failure(e));
                             self.state = State::Commands;
+                            if let Some(next) = self.refusal(failure, tag.as_deref(), out) {
+                                return next;
+                            }
                         }
                     }
                 }
@@ -245,18 +265,14 @@ impl<D: Dialect> PreAuth<D> {
         match request {
             Request::Answered => None,
             Request::Close => Some(self.close()),
-            Request::Refused(failure) => {
-                D::failure(failure, tag_ref, out);
-                None
-            }
+            Request::Refused(failure) => self.refuse(failure, tag_ref, out),
             Request::Fatal(failure) => {
                 D::failure(failure, tag_ref, out);
                 Some(self.close())
             }
             Request::StartTls => {
                 if !self.opts.offer_starttls() {
-                    D::failure(Failure::StartTlsUnavailable, tag_ref, out);
-                    None
+                    self.refuse(Failure::StartTlsUnavailable, tag_ref, out)
                 } else if !input.is_empty() {
                     // Commands pipelined behind STARTTLS would run inside the
                     // TLS session if kept: a man in the middle could inject them.
@@ -269,20 +285,15 @@ impl<D: Dialect> PreAuth<D> {
                 }
             }
             Request::Login(credentials) => match self.opts.auth_refusal() {
-                Some(refusal) => {
-                    D::failure(refusal, tag_ref, out);
-                    None
-                }
+                Some(refusal) => self.refuse(refusal, tag_ref, out),
                 None => Some(self.login(tag, credentials)),
             },
             Request::Authenticate { mechanism, initial } => {
                 if let Some(refusal) = self.opts.auth_refusal() {
-                    D::failure(refusal, tag_ref, out);
-                    return None;
+                    return self.refuse(refusal, tag_ref, out);
                 }
                 let Some(mechanism) = mechanism else {
-                    D::failure(Failure::UnsupportedMechanism, tag_ref, out);
-                    return None;
+                    return self.refuse(Failure::UnsupportedMechanism, tag_ref, out);
                 };
                 match ServerExchange::start(mechanism, initial.as_ref().map(|i| i.expose().as_slice())) {
                     Ok((exchange, Step::Challenge(challenge))) => {
@@ -291,13 +302,24 @@ impl<D: Dialect> PreAuth<D> {
                         None
                     }
                     Ok((_, Step::Done(credentials))) => Some(self.login(tag, credentials)),
-                    Err(e) => {
-                        D::failure(sasl_failure(e), tag_ref, out);
-                        None
-                    }
+                    Err(e) => self.refusal(sasl_failure(e), tag_ref, out),
                 }
             }
         }
+    }
+
+    /// A SASL exchange that failed: malformed or cancelled input counts as
+    /// a bad command; an authorization refusal is an authentication failure.
+    fn refusal(&mut self, failure: Failure, tag: Option<&str>, out: &mut Vec<u8>) -> Option<Next> {
+        if failure == Failure::AuthFailed {
+            D::failure(failure, tag, out);
+            if self.failures.exhausted_after_one_more() {
+                D::failure(Failure::TooManyFailures, None, out);
+                return Some(self.close());
+            }
+            return None;
+        }
+        self.refuse(failure, tag, out)
     }
 
     fn login(&mut self, tag: Option<String>, credentials: Credentials) -> Next {

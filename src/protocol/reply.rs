@@ -44,11 +44,16 @@ pub enum Failure {
     StartTlsInjection,
     /// The proxy is shutting down. Ends the session.
     ShuttingDown,
+    /// Too many refused commands before login. Ends the session.
+    TooManyErrors,
+    /// The proxy itself ran out of descriptors or memory (not the upstream's
+    /// fault). Ends the session.
+    ProxyResources,
 }
 
 impl Failure {
     /// Every kind, for tests that must cover the whole table.
-    pub const ALL: [Failure; 18] = [
+    pub const ALL: [Failure; 20] = [
         Failure::AuthFailed,
         Failure::Temporary,
         Failure::Unavailable,
@@ -67,6 +72,8 @@ impl Failure {
         Failure::StartTlsUnavailable,
         Failure::StartTlsInjection,
         Failure::ShuttingDown,
+        Failure::TooManyErrors,
+        Failure::ProxyResources,
     ];
 
     /// Whether the session ends after this reply.
@@ -79,6 +86,8 @@ impl Failure {
                 | Failure::TooManyConnections
                 | Failure::StartTlsInjection
                 | Failure::ShuttingDown
+                | Failure::TooManyErrors
+                | Failure::ProxyResources
         )
     }
 
@@ -103,6 +112,8 @@ impl Failure {
             Failure::StartTlsUnavailable => "STARTTLS not offered",
             Failure::StartTlsInjection => "data pipelined after STARTTLS",
             Failure::ShuttingDown => "shutting down",
+            Failure::TooManyErrors => "too many invalid commands",
+            Failure::ProxyResources => "proxy out of resources",
         }
     }
 }
@@ -144,6 +155,8 @@ pub fn smtp(failure: Failure) -> &'static [u8] {
             b"421 4.7.0 Data sent after STARTTLS before the TLS handshake, closing connection\r\n"
         }
         Failure::ShuttingDown => b"421 4.3.2 Service shutting down, closing connection\r\n",
+        Failure::TooManyErrors => b"421 4.7.0 Too many invalid commands, closing connection\r\n",
+        Failure::ProxyResources => b"421 4.3.0 Proxy out of resources, try again later\r\n",
     }
 }
 
@@ -168,6 +181,8 @@ pub fn pop3(failure: Failure) -> &'static [u8] {
         Failure::StartTlsUnavailable => b"-ERR STLS not available\r\n",
         Failure::StartTlsInjection => b"-ERR Data sent after STLS before the TLS handshake\r\n",
         Failure::ShuttingDown => b"-ERR [SYS/TEMP] Server shutting down\r\n",
+        Failure::TooManyErrors => b"-ERR Too many invalid commands, closing connection\r\n",
+        Failure::ProxyResources => b"-ERR [SYS/TEMP] Proxy out of resources, try again later\r\n",
     }
 }
 
@@ -194,6 +209,8 @@ pub fn imap(failure: Failure, tag: Option<&str>, out: &mut Vec<u8>) {
         Failure::StartTlsUnavailable => ("BAD", "STARTTLS not available"),
         Failure::StartTlsInjection => ("BYE", "Data sent after STARTTLS before the TLS handshake"),
         Failure::ShuttingDown => ("BYE", "[UNAVAILABLE] Server shutting down"),
+        Failure::TooManyErrors => ("BYE", "Too many invalid commands"),
+        Failure::ProxyResources => ("BYE", "[UNAVAILABLE] Proxy out of resources, try again later"),
     };
     let tag = match (kind, tag) {
         ("BYE", _) | (_, None) => "*",

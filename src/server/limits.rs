@@ -126,10 +126,21 @@ impl MailboxLimiter {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Record {
     failures: u32,
     last: Instant,
+    /// Attempts running now without waiting at the gate.
+    in_flight: u32,
+    /// Held by an attempt (and through its failure delay) once the record is
+    /// out of free attempts, so attempts go one at a time.
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Record {
+    fn new(now: Instant) -> Self {
+        Record { failures: 0, last: now, in_flight: 0, gate: Arc::default() }
+    }
 }
 
 /// Bounds memory against a spray of usernames or addresses.
@@ -137,6 +148,11 @@ const MAX_RECORDS: usize = 50_000;
 
 /// Failed logins per client address and per username, and the delay the
 /// next failure earns: none for the first few, then doubling up to a cap.
+///
+/// The throttle gates attempts, not connections: past the free failures,
+/// every attempt from the address (or for the username) waits for the one
+/// before it, including that one's delay, so parallel connections guess no
+/// faster than one.
 #[derive(Debug)]
 pub struct LoginThrottler {
     config: LoginThrottle,
@@ -144,22 +160,101 @@ pub struct LoginThrottler {
     by_user: Mutex<HashMap<String, Record>>,
 }
 
+/// How an attempt got past one record: freely, or holding its gate.
+#[derive(Debug)]
+enum Pass {
+    Free,
+    Gated(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>),
+}
+
+/// One login attempt admitted by the throttle; report how it went.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    throttle: &'a LoginThrottler,
+    ip: IpAddr,
+    user: String,
+    passes: [Pass; 2],
+}
+
+impl Attempt<'_> {
+    /// Records a failed login; returns how long to wait before answering.
+    /// Keep the attempt alive while waiting: gated attempts behind it wait too.
+    pub fn failed(&self) -> Duration {
+        self.throttle.failed(self.ip, &self.user)
+    }
+
+    /// A successful login clears the username's record (not the address's:
+    /// one good password must not let an address keep guessing others).
+    pub fn succeeded(&self) {
+        self.throttle.succeeded(&self.user);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if let Pass::Free = self.passes[0] {
+            LoginThrottler::leave(&self.throttle.by_ip, &self.ip);
+        }
+        if let Pass::Free = self.passes[1] {
+            LoginThrottler::leave(&self.throttle.by_user, &self.user);
+        }
+    }
+}
+
 impl LoginThrottler {
     pub fn new(config: LoginThrottle) -> Self {
         LoginThrottler { config, by_ip: Mutex::new(HashMap::new()), by_user: Mutex::new(HashMap::new()) }
     }
 
+    /// Admits an attempt from `ip` for `username`, waiting behind the
+    /// attempts before it once either is out of free failures. The address
+    /// is always passed first, so two attempts never wait for each other.
+    pub async fn admit(&self, ip: IpAddr, username: &str) -> Attempt<'_> {
+        let user = username.to_lowercase();
+        let by_ip = self.pass(&self.by_ip, &ip).await;
+        let by_user = self.pass(&self.by_user, &user).await;
+        Attempt { throttle: self, ip, user, passes: [by_ip, by_user] }
+    }
+
+    async fn pass<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> Pass {
+        let gate = {
+            let now = Instant::now();
+            let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+            self.prune(&mut map, now);
+            let record = map.entry(key.clone()).or_insert_with(|| Record::new(now));
+            if now.duration_since(record.last) >= self.config.forget_after {
+                record.failures = 0;
+            }
+            if record.failures + record.in_flight < self.config.free_failures.max(1) {
+                record.in_flight += 1;
+                return Pass::Free;
+            }
+            record.gate.clone()
+        };
+        Pass::Gated(gate.lock_owned().await)
+    }
+
+    fn leave<K: Hash + Eq>(map: &Mutex<HashMap<K, Record>>, key: &K) {
+        if let Some(record) = map.lock().unwrap_or_else(|e| e.into_inner()).get_mut(key) {
+            record.in_flight = record.in_flight.saturating_sub(1);
+        }
+    }
+
+    fn prune<K: Hash + Eq>(&self, map: &mut HashMap<K, Record>, now: Instant) {
+        if map.len() >= MAX_RECORDS {
+            let forget = self.config.forget_after;
+            map.retain(|_, r| r.in_flight > 0 || now.duration_since(r.last) < forget);
+            if map.len() >= MAX_RECORDS {
+                map.retain(|_, r| r.in_flight > 0);
+            }
+        }
+    }
+
     fn bump<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> u32 {
         let now = Instant::now();
         let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_RECORDS {
-            let forget = self.config.forget_after;
-            map.retain(|_, r| now.duration_since(r.last) < forget);
-            if map.len() >= MAX_RECORDS {
-                map.clear();
-            }
-        }
-        let record = map.entry(key.clone()).or_insert(Record { failures: 0, last: now });
+        self.prune(&mut map, now);
+        let record = map.entry(key.clone()).or_insert_with(|| Record::new(now));
         if now.duration_since(record.last) >= self.config.forget_after {
             record.failures = 0;
         }
@@ -183,8 +278,7 @@ impl LoginThrottler {
         self.config.initial_delay.saturating_mul(1 << doublings).min(self.config.max_delay)
     }
 
-    /// A successful login clears the username's record (not the address's:
-    /// one good password must not let an address keep guessing others).
+    /// A successful login clears the username's record.
     pub fn succeeded(&self, username: &str) {
         self.by_user.lock().unwrap_or_else(|e| e.into_inner()).remove(&username.to_lowercase());
     }
@@ -244,5 +338,44 @@ mod tests {
         assert_eq!(t.failed("192.0.2.3".parse().unwrap(), "printer"), Duration::ZERO);
         tokio::time::advance(Duration::from_secs(901)).await;
         assert_eq!(t.failed(ip, "fresh"), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parallel_attempts_from_one_address_wait_behind_each_other() {
+        let t = Arc::new(throttler());
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let attempt = t.admit(ip, &format!("guess{i}")).await;
+                    let delay = attempt.failed();
+                    tokio::time::sleep(delay).await;
+                    started.elapsed()
+                })
+            })
+            .collect();
+        let mut answered = Vec::new();
+        for task in tasks {
+            answered.push(task.await.unwrap().as_secs());
+        }
+        answered.sort();
+        // Three free attempts at once; then one at a time, each after the
+        // delay the one before earned (1, 2, 4, 8, 8... with an 8 s cap).
+        assert_eq!(answered, [0, 0, 0, 1, 3, 7, 15, 23, 31, 39]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_attempt_gives_its_place_back() {
+        let t = throttler();
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        for _ in 0..5 {
+            drop(t.admit(ip, "u").await);
+        }
+        // None of those failed: the address still has its free attempts.
+        let a = t.admit(ip, "u").await;
+        let b = t.admit(ip, "v").await;
+        assert!(matches!((&a.passes[0], &b.passes[0]), (Pass::Free, Pass::Free)));
     }
 }

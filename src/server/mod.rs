@@ -7,7 +7,7 @@ mod stream;
 
 use crate::accounts::Accounts;
 use crate::config::{Config, ListenerConfig, LocalTls as LocalTlsMode};
-use crate::protocol::{Spec, WithSpec};
+use crate::protocol::{Failure, Spec, WithSpec};
 use crate::tls::{self, TlsError};
 use crate::token::{TokenError, TokenManager};
 use crate::upstream::{BadServerName, Upstream, UpstreamError};
@@ -32,6 +32,8 @@ pub struct Shared {
     /// Replaced as a whole when the configuration is reloaded.
     accounts: RwLock<Arc<Accounts>>,
     pub tokens: TokenManager,
+    /// Outlives reloads, with its memory of recent successful logins.
+    pub verifier: crate::verifier::Verifier,
     pub throttle: LoginThrottler,
     pub mailboxes: MailboxLimiter,
 }
@@ -99,9 +101,12 @@ impl Proxy {
         tls::install_default_provider();
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
         let tokens = crate::token::manager_for(config, client_tls.clone())?;
+        let accounts = Accounts::from_config(config);
+        let verifier = crate::verifier::Verifier::start(&config.password_verification, accounts.max_m_cost());
         let shared = Arc::new(Shared {
-            accounts: RwLock::new(Arc::new(Accounts::from_config(config))),
+            accounts: RwLock::new(Arc::new(accounts)),
             tokens,
+            verifier,
             throttle: LoginThrottler::new(config.login_throttle.clone()),
             mailboxes: MailboxLimiter::new(config.max_sessions_per_mailbox),
         });
@@ -237,8 +242,8 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Replaces the accounts (which also empties the password verification
-    /// cache) and re-reads the local TLS certificate and key. Sessions
+    /// Replaces the accounts (the memory of recent successful logins stays
+    /// valid for every account whose hash is unchanged) and re-reads the local TLS certificate and key. Sessions
     /// already running keep what they started with. Listeners, identities
     /// and the token store are read at start only.
     pub fn reload(&self, config: &Config) -> Result<String, TlsError> {
@@ -258,7 +263,29 @@ impl Reloader {
     }
 }
 
+/// One descriptor kept open for the moment the process runs out: closing it
+/// makes room to accept the waiting connection and tell it why it is
+/// refused, instead of leaving it unanswered in the backlog.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn new() -> Self {
+        Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    fn release(&mut self) {
+        self.0 = None;
+    }
+
+    fn restore(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
+        }
+    }
+}
+
 async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signals, tracker: TaskTracker) {
+    let mut reserve = Reserve::new();
     loop {
         let accepted = tokio::select! {
             _ = signals.drain.cancelled() => return,
@@ -281,7 +308,7 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
                             }
                         };
                         warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
-                        tracker.spawn(turn_away(ctx.clone(), tcp));
+                        tracker.spawn(turn_away(ctx.clone(), tcp, Failure::TooManyConnections));
                         continue;
                     }
                 };
@@ -292,8 +319,22 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
                     dispatch(ctx, tcp, peer, signals).await;
                 });
             }
+            Err(e) if crate::upstream::is_exhaustion(&e) => {
+                error!(
+                    listener = %ctx.config.name,
+                    error = %e,
+                    "proxy out of resources: cannot accept a connection (raise the open-file limit, LimitNOFILE)"
+                );
+                reserve.release();
+                let pending = tokio::time::timeout(Duration::from_millis(50), socket.accept()).await;
+                if let Ok(Ok((tcp, _))) = pending {
+                    tracker.spawn(turn_away(ctx.clone(), tcp, Failure::ProxyResources));
+                }
+                reserve.restore();
+                // The condition lasts: do not spin, or flood the log.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             Err(e) => {
-                // Out of file descriptors and the like: back off rather than spin.
                 error!(listener = %ctx.config.name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -301,14 +342,13 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
     }
 }
 
-/// Tells a client over a connection limit why it is refused, then hangs up.
-/// (On an implicit-TLS listener there is no way to say it in the clear.)
-async fn turn_away(ctx: Arc<ListenerCtx>, mut tcp: TcpStream) {
+/// Tells a client turned away at accept why, then hangs up. (On an
+/// implicit-TLS listener there is no way to say it in the clear.)
+async fn turn_away(ctx: Arc<ListenerCtx>, mut tcp: TcpStream, failure: Failure) {
     if ctx.local_tls.as_ref().is_some_and(|t| t.implicit) {
         return;
     }
-    let reply =
-        crate::protocol::reply::for_protocol(ctx.config.protocol, crate::protocol::Failure::TooManyConnections, None);
+    let reply = crate::protocol::reply::for_protocol(ctx.config.protocol, failure, None);
     let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncWriteExt::write_all(&mut tcp, &reply)).await;
 }
 

@@ -5,19 +5,21 @@
 use super::limits::MailboxGuard;
 use super::stream::ClientStream;
 use super::ListenerCtx;
-use crate::protocol::client::Login;
+use crate::accounts::AuthError;
 use crate::protocol::{Failure, LoginRequest, Next, PreAuth, SessionOptions, Spec, Xoauth2User};
 use crate::sasl::xoauth2;
 use crate::splice::{splice, SpliceEnd};
 use crate::text::printable;
-use crate::upstream::{Authenticated, LoginError};
+use crate::upstream::{Authenticated, LoginError, UpstreamError};
 use bytes::BytesMut;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -67,16 +69,22 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
     );
     async move {
         debug!("connection accepted");
+        // Absolute, whatever the client does: a slow client cannot hold its
+        // connection (and its place under the per-address cap) for longer.
+        let deadline = Instant::now() + ctx.config.limits.login_deadline;
         let _ = tcp.set_nodelay(true);
         let stream = ClientStream::Plain(tcp);
         let stream = match &ctx.local_tls {
-            Some(tls) if tls.implicit => match tls.accept(stream, ctx.config.limits.preauth_timeout).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    debug!(error = %e, "TLS handshake with the client failed");
-                    return;
+            Some(tls) if tls.implicit => {
+                let timeout = ctx.config.limits.preauth_timeout.min(deadline.saturating_duration_since(Instant::now()));
+                match tls.accept(stream, timeout).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        debug!(error = %e, "TLS handshake with the client failed");
+                        return;
+                    }
                 }
-            },
+            }
             _ => stream,
         };
         Session::<P> {
@@ -86,8 +94,8 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
             inbuf: BytesMut::with_capacity(4096),
             out: Vec::new(),
             signals,
+            deadline,
             named: Default::default(),
-            mailbox_named: Default::default(),
             protocol: PhantomData,
         }
         .drive()
@@ -104,10 +112,18 @@ struct Session<'a, P: Spec> {
     inbuf: BytesMut,
     out: Vec<u8>,
     signals: Signals,
-    /// Whether the span has its `user` / `mailbox` fields yet.
-    named: std::sync::atomic::AtomicBool,
-    mailbox_named: std::sync::atomic::AtomicBool,
+    /// When the client must have logged in.
+    deadline: Instant,
+    /// Which span fields (`user`, `mailbox`) are recorded already.
+    named: Named,
     protocol: PhantomData<P>,
+}
+
+/// A span field recorded twice is printed twice: each is recorded once.
+#[derive(Default)]
+struct Named {
+    user: AtomicBool,
+    mailbox: AtomicBool,
 }
 
 enum ReadOutcome {
@@ -116,12 +132,16 @@ enum ReadOutcome {
     Failed(Failure),
 }
 
+/// The most a client may pipeline while its login is carried upstream.
+const MAX_PIPELINED: usize = 64 * 1024;
+
 impl<P: Spec> Session<'_, P> {
     fn options(&self) -> SessionOptions {
         let c = &self.ctx.config;
         SessionOptions {
             max_line: c.limits.max_line_length,
             max_auth_failures: c.limits.max_auth_failures,
+            max_bad_commands: c.limits.max_bad_commands,
             starttls: self.ctx.local_tls.as_ref().is_some_and(|t| !t.implicit),
             tls_active: self.stream.is_tls(),
             require_tls: c.require_tls,
@@ -129,16 +149,23 @@ impl<P: Spec> Session<'_, P> {
         }
     }
 
+    /// The pre-auth silence timeout, shortened to what is left of the deadline.
+    fn patience(&self) -> Duration {
+        self.ctx.config.limits.preauth_timeout.min(self.deadline.saturating_duration_since(Instant::now()))
+    }
+
     /// Writes pending output; false if the client is gone.
     async fn flush(&mut self) -> bool {
         if self.out.is_empty() {
             return true;
         }
+        // Answers still go out after the deadline, with a short bound.
+        let timeout = self.patience().max(Duration::from_secs(1));
         let write = async {
             self.stream.write_all(&self.out).await?;
             self.stream.flush().await
         };
-        let result = tokio::time::timeout(self.ctx.config.limits.preauth_timeout, write).await;
+        let result = tokio::time::timeout(timeout, write).await;
         self.out.clear();
         match result {
             Ok(Ok(())) => true,
@@ -155,7 +182,7 @@ impl<P: Spec> Session<'_, P> {
 
     async fn read(&mut self) -> ReadOutcome {
         self.inbuf.reserve(4096);
-        let timeout = self.ctx.config.limits.preauth_timeout;
+        let timeout = self.patience();
         tokio::select! {
             result = tokio::time::timeout(timeout, self.stream.read_buf(&mut self.inbuf)) => match result {
                 Ok(Ok(0)) => ReadOutcome::Closed,
@@ -184,8 +211,9 @@ impl<P: Spec> Session<'_, P> {
         let caps = match self.capabilities().await {
             Some(Ok(caps)) => caps,
             Some(Err(e)) => {
-                error!(upstream = %self.ctx.upstream.addr, error = %e, "upstream unavailable; turning the client away");
-                PreAuth::<P::Dialect>::new(Arc::from([]), self.options()).abort(Failure::Unavailable, &mut self.out);
+                let failure = unavailable(&e);
+                error!(upstream = %self.ctx.upstream.addr, error = %e, "{}; turning the client away", failure.as_str());
+                PreAuth::<P::Dialect>::new(Arc::from([]), self.options()).abort(failure, &mut self.out);
                 self.flush().await;
                 return;
             }
@@ -223,7 +251,7 @@ impl<P: Spec> Session<'_, P> {
                     }
                     let Some(tls) = &self.ctx.local_tls else { return };
                     let stream = std::mem::replace(&mut self.stream, ClientStream::Closed);
-                    match tls.accept(stream, self.ctx.config.limits.preauth_timeout).await {
+                    match tls.accept(stream, self.patience()).await {
                         Ok(stream) => {
                             self.stream = stream;
                             self.inbuf.clear();
@@ -240,10 +268,29 @@ impl<P: Spec> Session<'_, P> {
                     if !self.flush().await {
                         return;
                     }
-                    let result = tokio::select! {
-                        result = self.authenticate(&caps, request) => result,
-                        // Past the shutdown deadline a login in progress is cut too.
-                        _ = self.signals.abort.cancelled() => Err(Failure::ShuttingDown),
+                    let result = {
+                        let login = Login::<P> {
+                            ctx: self.ctx,
+                            peer: self.peer,
+                            signals: &self.signals,
+                            named: &self.named,
+                            protocol: PhantomData,
+                        };
+                        let authenticate = login.authenticate(&caps, request);
+                        let client_gone = client_gone(&mut self.stream, &mut self.inbuf);
+                        tokio::select! {
+                            result = authenticate => Some(result),
+                            // Dropping the login cancels it: no token request or
+                            // upstream session is completed for nobody.
+                            () = client_gone => None,
+                            _ = tokio::time::sleep_until(self.deadline) => Some(Err(Failure::Timeout)),
+                            // Past the shutdown deadline a login in progress is cut too.
+                            _ = self.signals.abort.cancelled() => Some(Err(Failure::ShuttingDown)),
+                        }
+                    };
+                    let Some(result) = result else {
+                        debug!("client went away during the login; cancelled");
+                        return;
                     };
                     match result {
                         Ok(logged_in) => {
@@ -255,6 +302,9 @@ impl<P: Spec> Session<'_, P> {
                             return;
                         }
                         Err(failure) => {
+                            if failure == Failure::Timeout {
+                                info!(reason = "login deadline", "closing the connection before login");
+                            }
                             let next = machine.auth_failed(failure, &mut self.out);
                             if matches!(next, Next::Close) {
                                 self.flush().await;
@@ -262,91 +312,6 @@ impl<P: Spec> Session<'_, P> {
                             }
                         }
                     }
-                }
-            }
-        }
-    }
-
-    /// Verifies the local login, obtains a token, and logs in upstream,
-    /// retrying once with a fresh token if the upstream refuses the first.
-    async fn authenticate(&self, caps: &Arc<[String]>, request: LoginRequest) -> Result<LoggedIn<P>, Failure> {
-        let span = tracing::Span::current();
-        let shared = &self.ctx.shared;
-        let username = printable(request.credentials.username.as_bytes(), 128);
-        // A span field recorded twice is printed twice: name the session once.
-        if !self.named.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            span.record("user", username.as_str());
-        }
-        let account = match shared.accounts().verify(&request.credentials).await {
-            Ok(account) => {
-                shared.throttle.succeeded(&request.credentials.username);
-                account
-            }
-            Err(e) => {
-                let delay = shared.throttle.failed(self.peer.ip(), &request.credentials.username);
-                // One line per failure, with the address and username, for fail2ban.
-                warn!(
-                    client.ip = %self.peer.ip(),
-                    user = %username,
-                    reason = %e,
-                    delay_ms = delay.as_millis() as u64,
-                    "authentication failure"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = self.signals.drain.cancelled() => {}
-                }
-                return Err(Failure::AuthFailed);
-            }
-        };
-        if !self.mailbox_named.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            span.record("mailbox", account.mailbox.as_str());
-        }
-        let Some(slot) = shared.mailboxes.try_acquire(&account.mailbox) else {
-            warn!("refused: the mailbox already has max_sessions_per_mailbox upstream sessions");
-            return Err(Failure::MailboxBusy);
-        };
-        let key = self.ctx.shared.tokens.key_for(&account.identity, &account.username);
-        let user = match P::XOAUTH2_USER {
-            Xoauth2User::Mailbox => &account.mailbox,
-            Xoauth2User::SmtpUser => &account.smtp_user,
-        };
-        let mut retried = false;
-        loop {
-            let token = match self.ctx.shared.tokens.get(&key).await {
-                Ok(token) => token,
-                Err(e) => {
-                    error!(identity = %account.identity, error = %e, "cannot obtain an access token");
-                    return Err(if e.requires_reauthorization() { Failure::AuthFailed } else { Failure::Temporary });
-                }
-            };
-            debug!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "authenticating upstream with XOAUTH2");
-            let login = Login {
-                initial_response: xoauth2::initial_response(user, token.expose()),
-                client_name: request.client_name.clone(),
-                known_caps: caps.clone(),
-            };
-            match self.ctx.upstream.login::<P::Client>(login).await {
-                Ok(upstream) => {
-                    info!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "logged in: plain login accepted locally, XOAUTH2 accepted upstream");
-                    return Ok(LoggedIn { upstream, slot });
-                }
-                Err(LoginError::Rejected(reason)) if !retried => {
-                    warn!(%reason, "upstream refused the access token; retrying once with a fresh token");
-                    self.ctx.shared.tokens.invalidate(&key, &token);
-                    retried = true;
-                }
-                Err(LoginError::Rejected(reason)) => {
-                    error!(%reason, "upstream refused a fresh access token too; check the app's permissions for this mailbox");
-                    return Err(Failure::AuthFailed);
-                }
-                Err(LoginError::Temporary(reason)) => {
-                    warn!(%reason, "upstream answered with a temporary failure");
-                    return Err(Failure::Temporary);
-                }
-                Err(LoginError::Unavailable(e)) => {
-                    error!(upstream = %self.ctx.upstream.addr, error = %e, "upstream unavailable");
-                    return Err(Failure::Unavailable);
                 }
             }
         }
@@ -380,6 +345,139 @@ impl<P: Spec> Session<'_, P> {
             end = %end,
             "session ended"
         );
+    }
+}
+
+/// Completes when the client hangs up while its login is carried upstream.
+/// What it pipelines meanwhile is kept (it belongs to the upstream, or to
+/// the pre-auth dialogue if the login fails), up to a bound.
+async fn client_gone(stream: &mut ClientStream, inbuf: &mut BytesMut) {
+    loop {
+        if inbuf.len() >= MAX_PIPELINED {
+            // Stop reading: back-pressure on the client until the login ends.
+            return std::future::pending().await;
+        }
+        inbuf.reserve(4096);
+        match stream.read_buf(inbuf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The failure a client sees when the upstream cannot be reached: the
+/// proxy's own lack of descriptors or memory is not the upstream's fault.
+fn unavailable(e: &UpstreamError) -> Failure {
+    if e.is_local_exhaustion() {
+        Failure::ProxyResources
+    } else {
+        Failure::Unavailable
+    }
+}
+
+/// What a login needs from the session, borrowed apart from its streams so
+/// the client can be watched while the login runs.
+struct Login<'a, P: Spec> {
+    ctx: &'a ListenerCtx,
+    peer: SocketAddr,
+    signals: &'a Signals,
+    named: &'a Named,
+    protocol: PhantomData<P>,
+}
+
+impl<P: Spec> Login<'_, P> {
+    /// Verifies the local login, obtains a token, and logs in upstream,
+    /// retrying once with a fresh token if the upstream refuses the first.
+    async fn authenticate(&self, caps: &Arc<[String]>, request: LoginRequest) -> Result<LoggedIn<P>, Failure> {
+        let span = tracing::Span::current();
+        let shared = &self.ctx.shared;
+        let username = printable(request.credentials.username.as_bytes(), 128);
+        if !self.named.user.swap(true, Ordering::Relaxed) {
+            span.record("user", username.as_str());
+        }
+        // While this address or username is being slowed down, its attempts
+        // queue here one at a time: parallel connections buy no extra guesses.
+        let attempt = shared.throttle.admit(self.peer.ip(), &request.credentials.username).await;
+        let account = match shared.accounts().verify(&request.credentials, &shared.verifier).await {
+            Ok(account) => {
+                attempt.succeeded();
+                account
+            }
+            Err(AuthError::Overloaded) => {
+                warn!(
+                    "password verification is overloaded (queue full or too slow); answering with a temporary failure"
+                );
+                return Err(Failure::Temporary);
+            }
+            Err(e) => {
+                let delay = attempt.failed();
+                // One line per failure, with the address and username, for fail2ban.
+                warn!(
+                    client.ip = %self.peer.ip(),
+                    user = %username,
+                    reason = %e,
+                    delay_ms = delay.as_millis() as u64,
+                    "authentication failure"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.signals.drain.cancelled() => {}
+                }
+                return Err(Failure::AuthFailed);
+            }
+        };
+        if !self.named.mailbox.swap(true, Ordering::Relaxed) {
+            span.record("mailbox", account.mailbox.as_str());
+        }
+        let Some(slot) = shared.mailboxes.try_acquire(&account.mailbox) else {
+            warn!("refused: the mailbox already has max_sessions_per_mailbox upstream sessions");
+            return Err(Failure::MailboxBusy);
+        };
+        let key = shared.tokens.key_for(&account.identity, &account.username);
+        let user = match P::XOAUTH2_USER {
+            Xoauth2User::Mailbox => &account.mailbox,
+            Xoauth2User::SmtpUser => &account.smtp_user,
+        };
+        let mut retried = false;
+        loop {
+            let token = match shared.tokens.get(&key).await {
+                Ok(token) => token,
+                Err(e) => {
+                    error!(identity = %account.identity, error = %e, "cannot obtain an access token");
+                    return Err(if e.requires_reauthorization() { Failure::AuthFailed } else { Failure::Temporary });
+                }
+            };
+            debug!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "authenticating upstream with XOAUTH2");
+            let login = crate::protocol::client::Login {
+                initial_response: xoauth2::initial_response(user, token.expose()),
+                client_name: request.client_name.clone(),
+                known_caps: caps.clone(),
+            };
+            match self.ctx.upstream.login::<P::Client>(login).await {
+                Ok(upstream) => {
+                    info!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "logged in: plain login accepted locally, XOAUTH2 accepted upstream");
+                    return Ok(LoggedIn { upstream, slot });
+                }
+                Err(LoginError::Rejected(reason)) if !retried => {
+                    warn!(%reason, "upstream refused the access token; retrying once with a fresh token");
+                    shared.tokens.invalidate(&key, &token);
+                    retried = true;
+                }
+                Err(LoginError::Rejected(reason)) => {
+                    error!(%reason, "upstream refused a fresh access token too; check the app's permissions for this mailbox");
+                    return Err(Failure::AuthFailed);
+                }
+                Err(LoginError::Temporary(reason)) => {
+                    warn!(%reason, "upstream answered with a temporary failure");
+                    return Err(Failure::Temporary);
+                }
+                Err(LoginError::Unavailable(e)) => {
+                    let failure = unavailable(&e);
+                    error!(upstream = %self.ctx.upstream.addr, error = %e, "{}", failure.as_str());
+                    return Err(failure);
+                }
+            }
+        }
     }
 }
 

@@ -82,6 +82,19 @@ impl Slot {
         state.current.as_ref().filter(|t| t.remaining() > IdentityEntry::floor(t)).cloned()
     }
 
+    /// The last error while the endpoint is in its backoff: callers share it
+    /// instead of each asking the failing endpoint again. A refusal that
+    /// needs a human (`login` again) is not waited out: the source answers
+    /// it from the store without a request, and picks up a new sign-in at
+    /// once.
+    fn backing_off(&self) -> Option<TokenError> {
+        let state = self.state();
+        match (state.retry_at, &state.last_error) {
+            (Some(at), Some(error)) if Instant::now() < at && !error.requires_reauthorization() => Some(error.clone()),
+            _ => None,
+        }
+    }
+
     /// The error of a request that completed since `seen`: a caller that
     /// waited for that request shares its outcome instead of repeating it.
     fn failed_since(&self, seen: u64) -> Option<TokenError> {
@@ -217,13 +230,19 @@ impl TokenManager {
             return Ok(token);
         }
         let seen = slot.state().attempts;
-        let _in_flight = slot.fetching.lock().await;
-        if let Some(token) = slot.usable(&entry) {
-            return Ok(token);
-        }
-        let result = match slot.failed_since(seen) {
+        let result = match slot.backing_off() {
+            // At most one request per backoff step, whoever asks.
             Some(error) => Err(error),
-            None => fetch_into(key, &slot, &entry).await,
+            None => {
+                let _in_flight = slot.fetching.lock().await;
+                if let Some(token) = slot.usable(&entry) {
+                    return Ok(token);
+                }
+                match slot.failed_since(seen).or_else(|| slot.backing_off()) {
+                    Some(error) => Err(error),
+                    None => fetch_into(key, &slot, &entry).await,
+                }
+            }
         };
         let result = result.or_else(|e| match slot.fallback() {
             Some(token) => {
@@ -466,8 +485,14 @@ mod tests {
             assert!(t.await.unwrap());
         }
         assert_eq!(calls(&source), 1, "one request failed for all of them");
-        // A later caller tries again, and succeeds once the endpoint is back.
+        // Callers during the backoff share the error at once, without a request.
         source.down.store(false, Ordering::SeqCst);
+        for _ in 0..100 {
+            assert!(matches!(m.get(&key).await, Err(TokenError::Unreachable(_))));
+        }
+        assert_eq!(calls(&source), 1, "logins during the backoff do not reach the endpoint");
+        // After it, the next caller tries again and succeeds now that the endpoint is back.
+        tokio::time::sleep(MAX_BACKOFF + MAX_BACKOFF / 5).await;
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-2");
     }
 

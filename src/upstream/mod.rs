@@ -34,6 +34,23 @@ pub enum UpstreamError {
     Dialogue(#[from] ClientError),
 }
 
+impl UpstreamError {
+    /// The proxy itself is out of descriptors or memory: the upstream is
+    /// not to blame, and the admin must raise a limit.
+    pub fn is_local_exhaustion(&self) -> bool {
+        match self {
+            UpstreamError::Connect { source, .. } | UpstreamError::Io { source, .. } => is_exhaustion(source),
+            UpstreamError::Tls(source) => is_exhaustion(source),
+            _ => false,
+        }
+    }
+}
+
+/// EMFILE, ENFILE, ENOBUFS, ENOMEM.
+pub fn is_exhaustion(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
 /// Why an upstream login did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {

@@ -8,6 +8,7 @@ pub fn options(max_line: usize) -> SessionOptions {
     SessionOptions {
         max_line,
         max_auth_failures: 3,
+        max_bad_commands: 10,
         starttls: true,
         tls_active: false,
         require_tls: false,

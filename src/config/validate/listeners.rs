@@ -108,7 +108,9 @@ fn limits(l: &RawListener, at: &dyn Fn(&str) -> String, cx: &mut Ctx) -> Limits 
     let limits = Limits {
         max_line_length: l.max_line_length.unwrap_or(Limits::DEFAULT_MAX_LINE_LENGTH),
         max_auth_failures: l.max_auth_failures.unwrap_or(Limits::DEFAULT_MAX_AUTH_FAILURES),
+        max_bad_commands: l.max_bad_commands.unwrap_or(Limits::DEFAULT_MAX_BAD_COMMANDS),
         preauth_timeout: l.preauth_timeout.map_or(Limits::DEFAULT_PREAUTH_TIMEOUT, |d| d.0),
+        login_deadline: l.login_deadline.map_or(Limits::DEFAULT_LOGIN_DEADLINE, |d| d.0),
         idle_timeout: l.idle_timeout.map_or(Limits::DEFAULT_IDLE_TIMEOUT, |d| d.0),
         upstream_timeout: l.upstream_timeout.map_or(Limits::DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
         max_connections: l.max_connections.unwrap_or(Limits::DEFAULT_MAX_CONNECTIONS),
@@ -127,8 +129,12 @@ fn limits(l: &RawListener, at: &dyn Fn(&str) -> String, cx: &mut Ctx) -> Limits 
     if limits.max_auth_failures == 0 {
         cx.add(at("max_auth_failures"), "must be at least 1");
     }
+    if limits.max_bad_commands == 0 {
+        cx.add(at("max_bad_commands"), "must be at least 1");
+    }
     for (key, d) in [
         ("preauth_timeout", limits.preauth_timeout),
+        ("login_deadline", limits.login_deadline),
         ("idle_timeout", limits.idle_timeout),
         ("upstream_timeout", limits.upstream_timeout),
     ] {

@@ -8,8 +8,8 @@ mod listeners;
 
 use super::raw::{self, RawConfig};
 use super::{
-    Config, LogConfig, LoginThrottle, Problem, TlsFiles, TokenStoreConfig, TokenStoreKey, UpstreamAddr,
-    DEFAULT_MAX_SESSIONS_PER_MAILBOX, DEFAULT_SHUTDOWN_TIMEOUT,
+    Config, LogConfig, LoginThrottle, PasswordVerification, Problem, TlsFiles, TokenStoreConfig, TokenStoreKey,
+    UpstreamAddr, DEFAULT_MAX_SESSIONS_PER_MAILBOX, DEFAULT_SHUTDOWN_TIMEOUT,
 };
 use crate::secret::Secret;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,7 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
         cx.add("max_sessions_per_mailbox", "must be at least 1");
     }
     let login_throttle = login_throttle(raw.login_throttle, &mut cx);
+    let password_verification = password_verification(raw.password_verification, &mut cx);
     let log = LogConfig {
         level: raw.log.level.unwrap_or(raw::LogLevel::Info),
         format: raw.log.format.unwrap_or(raw::LogFormat::Text),
@@ -75,6 +76,7 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
         on_reauth_required: raw.on_reauth_required,
         max_sessions_per_mailbox,
         login_throttle,
+        password_verification,
         warnings: cx.warnings,
     })
 }
@@ -114,6 +116,26 @@ fn login_throttle(raw: Option<raw::RawLoginThrottle>, cx: &mut Ctx) -> LoginThro
         cx.add("login_throttle.max_delay", "must not be shorter than initial_delay");
     }
     throttle
+}
+
+fn password_verification(raw: Option<raw::RawPasswordVerification>, cx: &mut Ctx) -> PasswordVerification {
+    let defaults = PasswordVerification::default();
+    let Some(raw) = raw else { return defaults };
+    let pool = PasswordVerification {
+        workers: raw.workers.unwrap_or(defaults.workers),
+        queue: raw.queue.unwrap_or(defaults.queue),
+        timeout: raw.timeout.map_or(defaults.timeout, |d| d.0),
+    };
+    if !(1..=64).contains(&pool.workers) {
+        cx.add("password_verification.workers", "must be between 1 and 64");
+    }
+    if !(1..=100_000).contains(&pool.queue) {
+        cx.add("password_verification.queue", "must be between 1 and 100000");
+    }
+    if pool.timeout.is_zero() {
+        cx.add("password_verification.timeout", "must be longer than zero");
+    }
+    pool
 }
 
 fn list_or_none(items: &[&str]) -> String {
