@@ -18,5 +18,5 @@ pub mod upstream;
 
 pub use certs::TestPki;
 pub use mailbox::Mailbox;
-pub use token::{DeviceOutcome, Fault, TokenServer};
-pub use upstream::{AfterAuth, FakeUpstream, Proto, Stall, UpstreamOptions, UpstreamTls};
+pub use token::{DeviceOutcome, Fault, TokenServer, TokenShape};
+pub use upstream::{AfterAuth, ExchangeFault, FakeUpstream, Proto, Stall, UpstreamOptions, UpstreamTls};

@@ -37,6 +37,46 @@ pub enum AfterAuth {
     Mailbox(Arc<Mailbox>),
 }
 
+/// What Exchange Online answers to a valid token when something on its side
+/// is not set up, word for word. The wording comes from Microsoft's XOAUTH2
+/// document (../shared/seeds/001_*.txt) and from transcripts in peers' issue
+/// trackers, cited per variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExchangeFault {
+    /// The service principal is missing from Exchange, was registered with
+    /// the App Registration's Object ID, or has no FullAccess on the mailbox:
+    /// IMAP `NO AUTHENTICATE failed.`, POP3 `-ERR Authentication failure:
+    /// unknown user name or bad password.`, SMTP `535 5.7.3 Authentication
+    /// unsuccessful [...]` (all three in Microsoft's document; POP3 with a
+    /// valid client-credentials token in simonrob/email-oauth2-proxy#238).
+    AuthenticationFailed,
+    /// IMAP: AUTHENTICATE succeeds, then every command gets `BAD User is
+    /// authenticated but not connected.` and the server hangs up with
+    /// `* BYE Connection closed. 14` (simonrob/email-oauth2-proxy#74,
+    /// jstedfast/MailKit#1496). The other protocols answer as
+    /// `AuthenticationFailed`.
+    NotConnected,
+    /// SMTP: `535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication
+    /// is disabled for the Tenant. ...` (simonrob/email-oauth2-proxy#193,
+    /// nodemailer/nodemailer#1484).
+    SmtpAuthDisabledTenant,
+    /// SMTP: `535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication
+    /// is disabled for the Mailbox. ...` (the per-mailbox variant of the above).
+    SmtpAuthDisabledMailbox,
+    /// SMTP: the login succeeds; `MAIL FROM` gets `554 5.2.252 SendAsDenied;
+    /// ... not allowed to send as ...` (gophish/gophish#2900; Exchange says it
+    /// at the end of DATA, this fake as early as MAIL FROM so a check sees it).
+    SendAsDenied,
+    /// SMTP: the login succeeds; `MAIL FROM` gets `432 4.3.2
+    /// STOREDRV.ClientSubmit; sender thread limit exceeded [...]`, Exchange's
+    /// answer to too many concurrent connections for one mailbox
+    /// (timeoff-management/timeoff-management-application#308).
+    ThreadLimit,
+    /// The token is refused with this XOAUTH2 error challenge (JSON, sent
+    /// base64 in `+ ` / `334 `), then the protocol's failure.
+    Challenge(String),
+}
+
 #[derive(Clone)]
 pub struct UpstreamOptions {
     pub proto: Proto,
@@ -82,6 +122,7 @@ struct Shared {
     validator: TokenValidator,
     temporary_failure: AtomicBool,
     refuse_all: AtomicBool,
+    exchange_fault: Mutex<Option<ExchangeFault>>,
     logins: Mutex<Vec<String>>,
     auth_attempts: AtomicUsize,
     connections: AtomicUsize,
@@ -111,6 +152,7 @@ impl FakeUpstream {
             validator,
             temporary_failure: AtomicBool::new(false),
             refuse_all: AtomicBool::new(false),
+            exchange_fault: Mutex::new(None),
             logins: Mutex::new(Vec::new()),
             auth_attempts: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -169,6 +211,11 @@ impl FakeUpstream {
     /// Refuse every token, even valid ones (a missing mailbox permission).
     pub fn set_refuse_all(&self, on: bool) {
         self.shared.refuse_all.store(on, Ordering::SeqCst);
+    }
+
+    /// Answer valid tokens as Exchange does when this is wrong on its side.
+    pub fn set_exchange_fault(&self, fault: Option<ExchangeFault>) {
+        *self.shared.exchange_fault.lock().unwrap() = fault;
     }
 }
 
@@ -238,6 +285,8 @@ enum Phase {
 enum Verdict {
     Temporary,
     Rejected,
+    /// A valid token that Exchange's own set-up refuses.
+    Exchange(ExchangeFault),
 }
 
 impl Shared {
@@ -256,12 +305,29 @@ impl Shared {
         if self.refuse_all.load(Ordering::SeqCst) || !self.validator.is_valid(token) {
             return Err(Verdict::Rejected);
         }
+        match self.fault() {
+            // These let the login through and refuse what follows it.
+            Some(ExchangeFault::NotConnected) if self.opts.proto == Proto::Imap => {}
+            Some(ExchangeFault::SendAsDenied | ExchangeFault::ThreadLimit) if self.opts.proto == Proto::Smtp => {}
+            Some(ExchangeFault::SmtpAuthDisabledTenant | ExchangeFault::SmtpAuthDisabledMailbox)
+                if self.opts.proto != Proto::Smtp => {}
+            Some(ExchangeFault::SendAsDenied | ExchangeFault::ThreadLimit) => {}
+            Some(fault) => return Err(Verdict::Exchange(fault)),
+            None => {}
+        }
         self.logins.lock().unwrap().push(user.to_string());
         Ok(user.to_string())
     }
 
+    fn fault(&self) -> Option<ExchangeFault> {
+        self.exchange_fault.lock().unwrap().clone()
+    }
+
     fn error_challenge(&self) -> String {
-        let json = br#"{"status":"401","schemes":"bearer","scope":"https://outlook.office365.com/"}"#;
+        let json = match self.fault() {
+            Some(ExchangeFault::Challenge(json)) => json,
+            _ => r#"{"status":"401","schemes":"bearer","scope":"https://outlook.office365.com/"}"#.to_string(),
+        };
         base64::engine::general_purpose::STANDARD.encode(json)
     }
 }
@@ -369,6 +435,11 @@ async fn imap_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                     w.stall().await?;
                 }
                 match sh.check(&response) {
+                    Ok(_) if sh.fault() == Some(ExchangeFault::NotConnected) => {
+                        w.send(format!("{tag} OK AUTHENTICATE completed.\r\n")).await?;
+                        not_connected(w).await;
+                        return Some(Phase::Done);
+                    }
                     Ok(_) => {
                         w.send(format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE UIDPLUS MOVE AUTH=XOAUTH2] AUTHENTICATE completed.\r\n")).await?;
                         return Some(Phase::LoggedIn);
@@ -376,7 +447,7 @@ async fn imap_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                     Err(Verdict::Temporary) => {
                         w.send(format!("{tag} NO [UNAVAILABLE] Server is busy, try again later\r\n")).await?
                     }
-                    Err(Verdict::Rejected) => {
+                    Err(Verdict::Rejected | Verdict::Exchange(ExchangeFault::Challenge(_))) => {
                         w.send(format!("+ {}\r\n", sh.error_challenge())).await?;
                         let answer = w.line().await?;
                         if !answer.is_empty() {
@@ -385,6 +456,8 @@ async fn imap_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                         }
                         w.send(format!("{tag} NO [AUTHENTICATIONFAILED] AUTHENTICATE failed.\r\n")).await?;
                     }
+                    // Exchange refuses a valid token it cannot map to a mailbox without a challenge.
+                    Err(Verdict::Exchange(_)) => w.send(format!("{tag} NO AUTHENTICATE failed.\r\n")).await?,
                 }
             }
             "LOGIN" => w.send(format!("{tag} NO [AUTHENTICATIONFAILED] Plain login refused: use XOAUTH2\r\n")).await?,
@@ -428,10 +501,13 @@ async fn pop3_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                         return Some(Phase::LoggedIn);
                     }
                     Err(Verdict::Temporary) => w.send("-ERR [SYS/TEMP] Server is busy, try again later\r\n").await?,
-                    Err(Verdict::Rejected) => {
+                    Err(Verdict::Rejected | Verdict::Exchange(ExchangeFault::Challenge(_))) => {
                         w.send(format!("+ {}\r\n", sh.error_challenge())).await?;
                         w.line().await?;
                         w.send("-ERR Authentication failure: unknown user name or bad password.\r\n").await?;
+                    }
+                    Err(Verdict::Exchange(_)) => {
+                        w.send("-ERR Authentication failure: unknown user name or bad password.\r\n").await?
                     }
                 }
             }
@@ -495,10 +571,19 @@ async fn smtp_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                         return Some(Phase::LoggedIn);
                     }
                     Err(Verdict::Temporary) => w.send("454 4.7.0 Temporary authentication failure\r\n").await?,
-                    Err(Verdict::Rejected) => {
+                    Err(Verdict::Rejected | Verdict::Exchange(ExchangeFault::Challenge(_))) => {
                         w.send(format!("334 {}\r\n", sh.error_challenge())).await?;
                         w.line().await?;
                         w.send("535 5.7.3 Authentication unsuccessful [FAKE.example.com]\r\n").await?;
+                    }
+                    Err(Verdict::Exchange(ExchangeFault::SmtpAuthDisabledTenant)) => {
+                        w.send("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [MN2PR05CA0004.namprd05.prod.outlook.com 2023-09-12T20:59:57.214Z 08DBB276B7E699C4]\r\n").await?
+                    }
+                    Err(Verdict::Exchange(ExchangeFault::SmtpAuthDisabledMailbox)) => {
+                        w.send("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information. [MN2PR05CA0004.namprd05.prod.outlook.com 2023-09-12T20:59:57.214Z 08DBB276B7E699C4]\r\n").await?
+                    }
+                    Err(Verdict::Exchange(_)) => {
+                        w.send("535 5.7.3 Authentication unsuccessful [SN2PR00CA0018.namprd00.prod.outlook.com]\r\n").await?
                     }
                 }
             }
@@ -516,7 +601,42 @@ async fn smtp_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
     }
 }
 
+/// Exchange's answer to `MAIL FROM:<...>` after a login.
+fn mail_from_answer(args: &[u8], fault: Option<&ExchangeFault>) -> String {
+    let sender = String::from_utf8_lossy(args);
+    let sender = sender.split(['<', '>']).nth(1).unwrap_or("").to_string();
+    match fault {
+        Some(ExchangeFault::SendAsDenied) => format!(
+            "554 5.2.252 SendAsDenied; authenticated@fake.example not allowed to send as {sender}; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed to process message due to a permanent exception with message [BeginDiagnosticData]Cannot submit message.\r\n"
+        ),
+        Some(ExchangeFault::ThreadLimit) => {
+            "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=DM5SPR00MB2471.namprd08.prod.outlook.com]\r\n".to_string()
+        }
+        _ => "250 2.1.0 Sender OK\r\n".to_string(),
+    }
+}
+
+/// IMAP after a login Exchange cannot connect to a mailbox: every command
+/// is refused, and after the second the server hangs up (MailKit#1496).
+async fn not_connected<S: Io>(w: &mut Wire<S>) {
+    for n in 0..2 {
+        let Some(line) = w.line().await else { return };
+        let (tag, _) = split_tag(&line);
+        let bye = if n == 1 { "* BYE Connection closed. 14\r\n" } else { "" };
+        if w.send(format!("{tag} BAD User is authenticated but not connected.\r\n{bye}")).await.is_none() {
+            return;
+        }
+    }
+}
+
 async fn after_auth(shared: &Shared, mut wire: Wire<Box<dyn Io>>) {
+    let smtp_fault = shared.fault().filter(|f| matches!(f, ExchangeFault::SendAsDenied | ExchangeFault::ThreadLimit));
+    if shared.opts.proto == Proto::Smtp && smtp_fault.is_some() {
+        // A transaction is refused whatever follows; the echo would hide it.
+        let _ = smtp_mailbox(&mut wire, &Mailbox::default(), smtp_fault).await;
+        let _ = wire.s.shutdown().await;
+        return;
+    }
     match &shared.opts.after_auth {
         AfterAuth::Echo => {
             let pending = std::mem::take(&mut wire.buf);
@@ -540,7 +660,7 @@ async fn after_auth(shared: &Shared, mut wire: Wire<Box<dyn Io>>) {
         }
         AfterAuth::Mailbox(mailbox) => {
             let _ = match shared.opts.proto {
-                Proto::Smtp => smtp_mailbox(&mut wire, mailbox).await,
+                Proto::Smtp => smtp_mailbox(&mut wire, mailbox, shared.fault()).await,
                 Proto::Imap => imap_mailbox(&mut wire, mailbox).await,
                 Proto::Pop3 => pop3_mailbox(&mut wire, mailbox).await,
             };
@@ -549,12 +669,12 @@ async fn after_auth(shared: &Shared, mut wire: Wire<Box<dyn Io>>) {
     }
 }
 
-async fn smtp_mailbox<S: Io>(w: &mut Wire<S>, mailbox: &Mailbox) -> Option<()> {
+async fn smtp_mailbox<S: Io>(w: &mut Wire<S>, mailbox: &Mailbox, fault: Option<ExchangeFault>) -> Option<()> {
     loop {
         let line = w.line().await?;
-        let (command, _) = split_word(&line);
+        let (command, args) = split_word(&line);
         match command.as_str() {
-            "MAIL" => w.send("250 2.1.0 Sender OK\r\n").await?,
+            "MAIL" => w.send(mail_from_answer(&args, fault.as_ref())).await?,
             "RCPT" => w.send("250 2.1.5 Recipient OK\r\n").await?,
             "DATA" => {
                 w.send("354 Start mail input; end with <CRLF>.<CRLF>\r\n").await?;
