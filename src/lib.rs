@@ -29,6 +29,7 @@
 pub mod accounts;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod fsutil;
 pub mod preflight;
 pub mod protocol;

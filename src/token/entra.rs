@@ -35,23 +35,12 @@ impl EntraError {
         digits.parse().ok()
     }
 
-    /// What the admin should do, for the errors people actually hit.
+    /// What the admin should know, for the errors people actually hit: the
+    /// cause from the diagnosis table (`check --online` adds the fix).
     pub fn hint(&self) -> Option<&'static str> {
-        Some(match self.aadsts() {
-            Some(7000215) => "invalid client secret: the configured client_secret is wrong (use the secret's Value, not its ID)",
-            Some(7000222) => "the client secret has expired: create a new one under Certificates & secrets and update client_secret",
-            Some(700016) => "application not found in the tenant: check client_id and tenant, and that the app is consented in this tenant",
-            Some(65001) => "consent required: an admin must grant consent for the app's API permissions",
-            Some(700082) => "the refresh token expired after a long period of inactivity: run `xoauth2-proxy login` for this account again",
-            Some(50173) => "the refresh token was revoked (password changed or sessions revoked): run `xoauth2-proxy login` for this account again",
-            Some(70008) => "the refresh token or authorization code has expired: run `xoauth2-proxy login` for this account again",
-            Some(50126) => "invalid username or password at the identity provider",
-            Some(700027) => "the client assertion was rejected: check that the certificate uploaded to the app registration matches certificate.cert_file",
-            Some(7000112) => "the application is disabled in the tenant",
-            Some(90002) => "tenant not found: check the tenant ID or domain",
-            Some(70011) => "invalid scope: check the identity's scope",
-            Some(53003) => "blocked by a Conditional Access policy",
-            _ => match self.error.as_str() {
+        Some(match self.aadsts().and_then(crate::doctor::entra::cause) {
+            Some(cause) => cause,
+            None => match self.error.as_str() {
                 "invalid_grant" => {
                     "the grant is no longer valid (for a delegated identity: run `xoauth2-proxy login` for the account again)"
                 }
@@ -144,21 +133,101 @@ impl EntraClient {
 
     /// POSTs a form and returns the status and a bounded body.
     pub async fn post(&self, url: &str, form: &[(&str, &str)]) -> Result<(u16, Vec<u8>), TokenError> {
-        let mut response = self.http.post(url).form(form).send().await.map_err(|e| {
+        let response = self.http.post(url).form(form).send().await.map_err(|e| {
             let e = e.without_url();
             TokenError::Unreachable(error_chain(&e))
         })?;
-        let status = response.status().as_u16();
-        let mut body = Vec::new();
-        while let Some(chunk) =
-            response.chunk().await.map_err(|e| TokenError::Unreachable(error_chain(&e.without_url())))?
-        {
-            if body.len() + chunk.len() > MAX_RESPONSE {
-                return Err(TokenError::Malformed(format!("response larger than {MAX_RESPONSE} bytes")));
-            }
-            body.extend_from_slice(&chunk);
+        bounded_body(response).await
+    }
+
+    /// GETs a URL (the discovery document, for `check --online`) and says,
+    /// when no answer came, whether DNS, the connection or TLS failed.
+    pub async fn get(&self, url: &str, timeout: Duration) -> Result<(u16, Vec<u8>), Unanswered> {
+        let request = async {
+            let response = self.http.get(url).send().await.map_err(|e| Unanswered::from_reqwest(&e.without_url()))?;
+            bounded_body(response).await.map_err(|e| Unanswered { kind: Transport::Other, detail: e.to_string() })
+        };
+        tokio::time::timeout(timeout, request)
+            .await
+            .map_err(|_| Unanswered { kind: Transport::Timeout, detail: format!("no answer within {timeout:?}") })?
+    }
+}
+
+async fn bounded_body(mut response: reqwest::Response) -> Result<(u16, Vec<u8>), TokenError> {
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) =
+        response.chunk().await.map_err(|e| TokenError::Unreachable(error_chain(&e.without_url())))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE {
+            return Err(TokenError::Malformed(format!("response larger than {MAX_RESPONSE} bytes")));
         }
-        Ok((status, body))
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, body))
+}
+
+/// Where a request without an answer failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The host name did not resolve.
+    Dns,
+    /// Nothing accepted the connection (refused, unreachable, reset).
+    Connect,
+    /// The TLS handshake failed (untrusted or wrong certificate, TLS intercepted).
+    Tls,
+    Timeout,
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct Unanswered {
+    pub kind: Transport,
+    /// The error chain, for the admin.
+    pub detail: String,
+}
+
+impl Unanswered {
+    fn from_reqwest(e: &reqwest::Error) -> Self {
+        let detail = error_chain(e);
+        // io::Error's source() skips the error it wraps, so look inside each
+        // io::Error too: that is where rustls' certificate errors sit.
+        let mut tls = false;
+        let mut refused = false;
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = source {
+            if err.downcast_ref::<rustls::Error>().is_some() {
+                tls = true;
+            }
+            // Connectors nest io::Errors (Other around InvalidData around rustls').
+            let mut io = err.downcast_ref::<std::io::Error>();
+            while let Some(e) = io {
+                refused |= matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::HostUnreachable
+                        | std::io::ErrorKind::NetworkUnreachable
+                );
+                let inner = e.get_ref();
+                tls |= inner.is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some());
+                io = inner.and_then(|i| i.downcast_ref::<std::io::Error>());
+            }
+            source = err.source();
+        }
+        // hyper-util names a failed lookup "dns error"; there is no type for it.
+        let kind = if detail.contains("dns error") {
+            Transport::Dns
+        } else if tls {
+            Transport::Tls
+        } else if e.is_timeout() {
+            Transport::Timeout
+        } else if refused || e.is_connect() {
+            Transport::Connect
+        } else {
+            Transport::Other
+        };
+        Unanswered { kind, detail }
     }
 }
 

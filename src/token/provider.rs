@@ -78,7 +78,7 @@ async fn read_secret_file(path: &Path) -> Result<Secret<String>, TokenError> {
 
 /// Whether the token endpoint is on this machine (tests and demos): then no
 /// HTTP proxy from the environment is used to reach it.
-fn is_loopback_url(url: &str) -> bool {
+pub(crate) fn is_loopback_url(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let host = rest.split('/').next().unwrap_or("");
     let host = match host.strip_prefix('[') {
