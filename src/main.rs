@@ -49,13 +49,44 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         pid_file: Option<PathBuf>,
     },
-    /// Validate the configuration; exit non-zero with the problems.
+    /// Validate the configuration; with --online, diagnose every identity and
+    /// account against Entra and Exchange. Exit 0 all ok, 1 something failed,
+    /// 2 invalid config.
     Check {
         #[command(flatten)]
         config: ConfigArg,
-        /// Also obtain a token for each identity and connect to each upstream.
+        /// Check the token endpoint, a token and its claims, and a real login
+        /// to each upstream; print the fix for each failing step.
         #[arg(long)]
         online: bool,
+        /// Print the report as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the Entra admin center steps and Exchange Online PowerShell
+    /// commands for a new app registration, and a config fragment.
+    Setup {
+        /// How the proxy gets tokens: app-only, or a user signing in once.
+        #[arg(long, value_enum, default_value_t = SetupFlow::ClientCredentials)]
+        flow: SetupFlow,
+        /// The protocols the legacy clients use.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "imap,pop3,smtp")]
+        protocols: Vec<SetupProtocol>,
+        /// The tenant: its directory (tenant) ID or a domain (contoso.onmicrosoft.com).
+        #[arg(long)]
+        tenant: String,
+        /// The app registration's Application (client) ID, once it exists.
+        #[arg(long)]
+        client_id: Option<String>,
+        /// The mailbox the proxy serves.
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// How an app-only registration proves itself.
+        #[arg(long, value_enum, default_value_t = SetupCredential::Secret)]
+        credential: SetupCredential,
+        /// Where the config will live (used in the commands printed).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: String,
     },
     /// Check the configuration, then make the running proxy re-read it (SIGHUP).
     #[command(long_about = "Check the configuration as `check` does, then send SIGHUP to the running proxy, \
@@ -131,6 +162,26 @@ enum Command {
     Generate { what: cli::generate::What, dir: PathBuf },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum SetupFlow {
+    ClientCredentials,
+    RefreshToken,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SetupProtocol {
+    Imap,
+    Pop3,
+    Smtp,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SetupCredential {
+    Secret,
+    Certificate,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     s.parse::<HumanDuration>().map(|d| d.0)
 }
@@ -159,7 +210,7 @@ fn main() -> ExitCode {
             Some(early) => runtime.block_on(cli::run::run(&config.config, pid_file.as_deref(), early)),
             None => ExitCode::FAILURE,
         },
-        Command::Check { config, online } => runtime.block_on(cli::check::run(&config.config, online)),
+        Command::Check { config, online, json } => runtime.block_on(cli::check::run(&config.config, online, json)),
         Command::Reload { config, pid, pid_file } => {
             let target = match (pid, &pid_file) {
                 (Some(pid), _) => cli::reload::Target::Pid(pid),
@@ -171,6 +222,33 @@ fn main() -> ExitCode {
                 }
             };
             cli::reload::run(&config.config, target)
+        }
+        Command::Setup { flow, protocols, tenant, client_id, mailbox, credential, config } => {
+            use xoauth2_proxy::config::Flow;
+            use xoauth2_proxy::doctor::setup::{AppCredential, Request};
+            use xoauth2_proxy::protocol::Protocol;
+            cli::setup::run(&Request {
+                flow: match flow {
+                    SetupFlow::ClientCredentials => Flow::ClientCredentials,
+                    SetupFlow::RefreshToken => Flow::RefreshToken,
+                },
+                protocols: protocols
+                    .iter()
+                    .map(|p| match p {
+                        SetupProtocol::Imap => Protocol::Imap,
+                        SetupProtocol::Pop3 => Protocol::Pop3,
+                        SetupProtocol::Smtp => Protocol::Smtp,
+                    })
+                    .collect(),
+                tenant,
+                client_id,
+                mailbox,
+                credential: match credential {
+                    SetupCredential::Secret => AppCredential::Secret,
+                    SetupCredential::Certificate => AppCredential::Certificate,
+                },
+                config,
+            })
         }
         Command::Login { config, account } => runtime.block_on(cli::login::run(&config.config, &account)),
         Command::Token { config, account, output, min_lifetime } => {

@@ -1,110 +1,121 @@
-//! `xoauth2-proxy check`: validate a config; with `--online`, also obtain a
-//! token for each identity and reach each upstream.
+//! `xoauth2-proxy check`: validate a config and say what it sets up; with
+//! `--online`, diagnose every identity and account against Entra and
+//! Exchange (the `doctor` module). `--json` prints the same as one document.
+//! Exit status: 0 all ok, 1 something failed, 2 the config is invalid.
 
-use crate::config::{Config, Flow, LocalTls};
-use crate::server::Proxy;
+use crate::config::{Config, ListenerConfig, LocalTls};
+use serde_json::json;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub async fn run(config_path: &Path, online: bool) -> ExitCode {
-    let config = match super::load_config(config_path) {
+pub async fn run(config_path: &Path, online: bool, json: bool) -> ExitCode {
+    // Validation, then the files the config names (certificates, keys, secrets).
+    let loaded = Config::load(config_path).and_then(|config| crate::preflight::check(&config).map(|()| config));
+    let config = match loaded {
         Ok(c) => c,
-        Err(code) => return code,
-    };
-    summarize(&config);
-    if !online {
-        return ExitCode::SUCCESS;
-    }
-    if check_online(&config).await {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-fn summarize(config: &Config) {
-    println!("{}: configuration is valid", config.source.display());
-    for l in &config.listeners {
-        let auth = match (l.local_tls, l.plaintext_allowed, l.require_tls) {
-            (LocalTls::Implicit, _, _) => "logins over TLS",
-            (LocalTls::Starttls, _, true) | (LocalTls::Starttls, false, _) => "logins after STARTTLS only",
-            (LocalTls::Starttls, true, false) => "logins with or without STARTTLS",
-            (LocalTls::None, true, _) => "plain-text logins (loopback or allow_plaintext_auth)",
-            (LocalTls::None, false, _) => "NO logins possible: plain text on a non-loopback address",
-        };
-        println!(
-            "  listener {:?}: {} on {} -> {} ({:?}), {auth}",
-            l.name, l.protocol, l.bind, l.upstream, l.upstream_tls
-        );
-    }
-    for id in config.identities.values() {
-        println!("  identity {:?}: {}, token endpoint {}", id.name, id.flow.as_str(), id.token_url);
-    }
-    println!("  {} account(s)", config.accounts.len());
-    for w in &config.warnings {
-        println!("  warning: {w}");
-    }
-}
-
-async fn check_online(config: &Config) -> bool {
-    crate::tls::install_default_provider();
-    let tls = match crate::tls::client_config(config.upstream_ca_file.as_deref()) {
-        Ok(t) => t,
         Err(e) => {
-            println!("  FAIL tls: {e}");
-            return false;
-        }
-    };
-    let tokens = match crate::token::manager_for(config, tls) {
-        Ok(t) => t,
-        Err(e) => {
-            println!("  FAIL {e}");
-            return false;
-        }
-    };
-    let mut ok = true;
-    for id in config.identities.values() {
-        // App-only identities have one token; delegated ones one per account.
-        let accounts: Vec<&str> = match id.flow {
-            Flow::ClientCredentials => vec![""],
-            Flow::RefreshToken => {
-                config.accounts.iter().filter(|a| a.identity == id.name).map(|a| a.username.as_str()).collect()
-            }
-        };
-        for account in accounts {
-            let key = tokens.key_for(&id.name, account);
-            let label = if account.is_empty() {
-                format!("identity {:?}", id.name)
+            if json {
+                let problems: Vec<_> =
+                    e.problems.iter().map(|p| json!({"key": p.path, "problem": p.message})).collect();
+                print_json(&json!({"config": config_path.display().to_string(), "valid": false, "problems": problems}));
             } else {
-                format!("identity {:?} account {account:?}", id.name)
-            };
-            match tokens.get(&key).await {
-                Ok(token) => println!("  ok   {label}: token obtained, valid for {}s", token.remaining().as_secs()),
-                Err(e) => {
-                    ok = false;
-                    println!("  FAIL {label}: {e}");
-                }
+                eprintln!("{e}");
             }
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    };
+    let report = if online { Some(crate::doctor::diagnose(&config).await) } else { None };
+    let failed = report.as_ref().is_some_and(|r| r.failed());
+    let code = u8::from(failed);
+    if json {
+        let mut doc = summary_json(&config);
+        doc["online"] = json!(online);
+        if let Some(report) = &report {
+            doc["checks"] = json!(report.checks);
+            doc["result"] = json!({"counts": report.counts(), "exit_code": code});
+        }
+        print_json(&doc);
+    } else {
+        print!("{}", summary_text(&config));
+        if let Some(report) = &report {
+            println!();
+            print!("{}", report.render_text());
         }
     }
-    match Proxy::probe_upstreams(config).await {
-        Ok(results) => {
-            for (name, result) in results {
-                match result {
-                    Ok(caps) => {
-                        println!("  ok   listener {name:?}: upstream reachable over TLS ({} capabilities)", caps.len())
-                    }
-                    Err(e) => {
-                        ok = false;
-                        println!("  FAIL listener {name:?}: {e}");
-                    }
-                }
-            }
-        }
-        Err(e) => {
-            ok = false;
-            println!("  FAIL {e}");
+    ExitCode::from(code)
+}
+
+fn print_json(doc: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(doc).unwrap_or_default());
+}
+
+/// Which logins a listener accepts, and why, in the config's words.
+fn logins(l: &ListenerConfig) -> String {
+    let why = if l.bind.ip().is_loopback() { "loopback bind" } else { "allow_plaintext_auth: true" };
+    match (l.local_tls, l.plaintext_allowed, l.require_tls) {
+        (LocalTls::Implicit, _, _) => "logins over TLS".to_string(),
+        (LocalTls::Starttls, _, true) => "logins after STARTTLS only (require_tls: true)".to_string(),
+        (LocalTls::Starttls, false, _) => "logins after STARTTLS only (not a loopback bind)".to_string(),
+        (LocalTls::Starttls, true, false) => format!("logins with or without STARTTLS ({why})"),
+        (LocalTls::None, true, _) => format!("plain-text logins ({why})"),
+        (LocalTls::None, false, _) => {
+            "NO logins possible: plain text on a non-loopback bind (set local_tls, or allow_plaintext_auth: true)"
+                .to_string()
         }
     }
-    ok
+}
+
+fn summary_text(config: &Config) -> String {
+    let mut out = format!("{}: configuration is valid\n", config.source.display());
+    for l in &config.listeners {
+        out.push_str(&format!(
+            "  listener {:?}: {} on {} (local_tls: {}) -> {} (upstream_tls: {}), {}\n",
+            l.name,
+            l.protocol,
+            l.bind,
+            l.local_tls.as_str(),
+            l.upstream,
+            l.upstream_tls.as_str(),
+            logins(l)
+        ));
+    }
+    for id in config.identities.values() {
+        out.push_str(&format!("  identity {:?}: {}, token endpoint {}\n", id.name, id.flow.as_str(), id.token_url));
+    }
+    out.push_str(&format!("  {} account(s)\n", config.accounts.len()));
+    for w in &config.warnings {
+        out.push_str(&format!("  warning: {w}\n"));
+    }
+    out
+}
+
+fn summary_json(config: &Config) -> serde_json::Value {
+    let listeners: Vec<_> = config
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "name": l.name,
+                "protocol": l.protocol.as_str(),
+                "bind": l.bind.to_string(),
+                "local_tls": l.local_tls.as_str(),
+                "upstream": l.upstream.to_string(),
+                "upstream_tls": l.upstream_tls.as_str(),
+                "logins": logins(l),
+            })
+        })
+        .collect();
+    let identities: Vec<_> = config
+        .identities
+        .values()
+        .map(|i| json!({"name": i.name, "flow": i.flow.as_str(), "token_endpoint": i.token_url, "client_id": i.client_id}))
+        .collect();
+    json!({
+        "config": config.source.display().to_string(),
+        "valid": true,
+        "listeners": listeners,
+        "identities": identities,
+        "accounts": config.accounts.len(),
+        "warnings": config.warnings,
+    })
 }

@@ -9,6 +9,7 @@ mod owner;
 pub mod probe;
 pub mod reload;
 pub mod run;
+pub mod setup;
 pub mod token;
 
 use crate::config::Config;

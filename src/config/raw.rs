@@ -107,6 +107,17 @@ pub enum LocalTls {
     Implicit,
 }
 
+impl LocalTls {
+    /// The config's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalTls::None => "none",
+            LocalTls::Starttls => "starttls",
+            LocalTls::Implicit => "implicit",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamTls {
