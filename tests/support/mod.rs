@@ -45,6 +45,9 @@ pub struct Options {
     pub upstream_override: HashMap<&'static str, String>,
     /// Point `upstream_ca_file` at a CA that did not sign the upstreams.
     pub untrusted_upstream: bool,
+    /// The identity's tenant and authority instead of the fake endpoint's.
+    pub tenant: Option<String>,
+    pub authority: Option<String>,
     pub shutdown_timeout: &'static str,
     /// Changes to the loaded config before the proxy starts (for what a
     /// config file cannot express in a test, such as a non-loopback bind).
@@ -63,6 +66,8 @@ impl Default for Options {
             top_extra: Vec::new(),
             upstream_override: HashMap::new(),
             untrusted_upstream: false,
+            tenant: None,
+            authority: None,
             shutdown_timeout: "5s",
             tweak: None,
         }
@@ -161,8 +166,8 @@ log: {{ level: debug }}
             pop3_tls = tls_mode(&options.pop3),
             smtp_tls = tls_mode(&options.smtp),
             ca = ca.display(),
-            authority = token.authority(),
-            tenant = testkit::token::TENANT,
+            authority = options.authority.clone().unwrap_or_else(|| token.authority()),
+            tenant = options.tenant.as_deref().unwrap_or(testkit::token::TENANT),
             client_id = testkit::token::CLIENT_ID,
             printer_hash = cheap_hash(PRINTER_PASSWORD),
             shutdown = options.shutdown_timeout,
