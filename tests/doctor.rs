@@ -4,21 +4,11 @@
 
 mod support;
 
-use std::sync::Arc;
 use support::*;
 use testkit::token::{CLIENT_ID, SP_OBJECT_ID, TENANT, TENANT_ID};
-use testkit::{AfterAuth, ExchangeFault, Fault, Mailbox, Proto, TokenShape, UpstreamOptions};
+use testkit::{ExchangeFault, Fault, TokenShape};
 use xoauth2_proxy::config::{TokenStoreConfig, TokenStoreKey};
 use xoauth2_proxy::token::store::{unix_now, StoredTokens, TokenStore};
-
-/// Upstreams that behave like mailboxes after login, so the command the
-/// check sends after authenticating gets a real answer.
-fn mailbox_upstreams(options: Options) -> Options {
-    let mailbox = Arc::new(Mailbox::new());
-    let with =
-        |proto| UpstreamOptions { after_auth: AfterAuth::Mailbox(mailbox.clone()), ..UpstreamOptions::new(proto) };
-    Options { imap: with(Proto::Imap), pop3: with(Proto::Pop3), smtp: with(Proto::Smtp), ..options }
-}
 
 async fn harness() -> Harness {
     Harness::with(mailbox_upstreams(Options::default())).await

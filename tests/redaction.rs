@@ -10,6 +10,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use support::*;
 use testkit::token::CLIENT_SECRET;
+use testkit::{ExchangeFault, Fault};
 use xoauth2_proxy::config::{TokenStoreConfig, TokenStoreKey};
 use xoauth2_proxy::token::store::{unix_now, StoredTokens, TokenStore};
 
@@ -164,9 +165,17 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
     secrets.extend(d.token.issued());
     secrets.push(std::fs::read_to_string(d.dir().join("store.key")).unwrap().trim().to_string());
 
-    // Everything those secrets could look like on the wire.
+    let needles = needles(&secrets, &users, &mailboxes);
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    assert!(text.len() > 10_000, "the capture looks empty ({} bytes)", text.len());
+    assert!(text.contains("authentication failure") && text.contains("TRACE"), "capture is not at trace level");
+    assert_no_needle(&text, &needles, "the log");
+}
+
+/// Everything `secrets` could look like on the wire or in a line of text.
+fn needles(secrets: &[String], users: &[&str], mailboxes: &[&str]) -> Vec<String> {
     let mut needles = Vec::new();
-    for secret in &secrets {
+    for secret in secrets {
         needles.push(secret.clone());
         needles.push(b64(secret.as_bytes()));
         // Long tokens: any 32-character slice counts.
@@ -181,16 +190,85 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
             needles.push(b64(xoauth2.as_bytes()));
         }
     }
+    needles
+}
 
-    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
-    assert!(text.len() > 10_000, "the capture looks empty ({} bytes)", text.len());
-    assert!(text.contains("authentication failure") && text.contains("TRACE"), "capture is not at trace level");
-    for needle in &needles {
+fn assert_no_needle(text: &str, needles: &[String], what: &str) {
+    for needle in needles {
         if let Some(at) = text.find(needle.as_str()) {
             let start = text[..at].rfind('\n').map_or(0, |n| n + 1);
-            panic!("a secret reached the log:\n{}", &text[start..(at + needle.len() + 80).min(text.len())]);
+            panic!("a secret reached {what}:\n{}", &text[start..(at + needle.len() + 80).min(text.len())]);
         }
     }
+}
+
+/// Runs `check --online` and `check --online --json`; returns all they printed.
+async fn check_output(h: &Harness) -> String {
+    let mut out = String::new();
+    for args in [&["check", "--online"][..], &["check", "--online", "--json"][..]] {
+        let o = h.output(args).await;
+        out.push_str(&String::from_utf8_lossy(&o.stdout));
+        out.push_str(&String::from_utf8_lossy(&o.stderr));
+    }
+    out
+}
+
+/// `check --online` and `--json` print claims by name, Entra's and
+/// Exchange's answers and the fixes, but never a token, secret or password:
+/// after successes, Entra refusals, refused tokens (with their error
+/// challenge) and Exchange's failures, for app-only and delegated identities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_prints_no_secret() {
+    let mut printed = String::new();
+    let mut secrets: Vec<String> = vec![PRINTER_PASSWORD.into(), APP_PASSWORD.into(), CLIENT_SECRET.into()];
+
+    let h = Harness::with(mailbox_upstreams(Options::default())).await;
+    printed.push_str(&check_output(&h).await);
+    h.smtp.set_refuse_all(true);
+    h.imap.set_exchange_fault(Some(ExchangeFault::NotConnected));
+    h.pop3.set_exchange_fault(Some(ExchangeFault::Challenge(r#"{"status":"401","schemes":"bearer"}"#.into())));
+    printed.push_str(&check_output(&h).await);
+    h.token.set_fault(Some(Fault::aadsts(7000215)));
+    printed.push_str(&check_output(&h).await);
+    secrets.extend(h.token.issued());
+
+    let d = Harness::with(mailbox_upstreams(Options {
+        identity_auth: vec!["flow: refresh_token".into(), "client_secret: ${TEST_CLIENT_SECRET}".into()],
+        top_extra: vec!["token_store: {path: \"{dir}/store\", key_file: \"{dir}/store.key\"}".into()],
+        ..Options::default()
+    }))
+    .await;
+    let store = TokenStore::open(&TokenStoreConfig {
+        path: d.dir().join("store"),
+        key: TokenStoreKey::File(d.dir().join("store.key")),
+    })
+    .unwrap();
+    for (account, user) in [("printer", MAILBOX), ("app", SHARED_MAILBOX)] {
+        let seeded = d.token.seed_refresh_token(user);
+        store
+            .save(&StoredTokens {
+                identity: "contoso".into(),
+                account: account.into(),
+                refresh_token: seeded.clone(),
+                access_token: None,
+                access_expires_at: None,
+                updated_at: unix_now(),
+            })
+            .unwrap();
+        secrets.push(seeded);
+    }
+    printed.push_str(&check_output(&d).await);
+    d.imap.set_exchange_fault(Some(ExchangeFault::AuthenticationFailed));
+    printed.push_str(&check_output(&d).await);
+    secrets.extend(d.token.issued());
+    secrets.extend(d.token.live_refresh_tokens());
+    secrets.push(std::fs::read_to_string(d.dir().join("store.key")).unwrap().trim().to_string());
+
+    assert!(printed.contains("ok   login     imap") && printed.contains("\"step\": \"login\""), "{printed}");
+    assert!(printed.contains("AADSTS7000215") && printed.contains("not connected"), "{printed}");
+    assert!(secrets.len() > 8, "tokens were issued and collected: {}", secrets.len());
+    let needles = needles(&secrets, &["printer", "app"], &[MAILBOX, SMTP_USER, SHARED_MAILBOX]);
+    assert_no_needle(&printed, &needles, "check's output");
 }
 
 struct Guard<F: FnMut()>(F);

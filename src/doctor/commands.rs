@@ -171,10 +171,7 @@ pub const PS_SHOW_SMTP_AUTH_TENANT: &str = "Get-TransportConfig | Format-List Sm
 
 /// The app registration's page in the Entra admin center.
 pub fn portal_app(ids: &Ids) -> String {
-    format!(
-        "Entra admin center (https://entra.microsoft.com) > App registrations > All applications > {}",
-        ids.client_id()
-    )
+    format!("Entra admin center > App registrations > {}", ids.client_id())
 }
 
 /// Where an API permission is added: Exchange's application permissions are

@@ -97,9 +97,9 @@ fn mailbox_access(protocol: Protocol, ids: &Ids) -> Diagnosis {
             .command(cmd::ps_get_service_principal(ids))
             .note(match &ids.sp_object_id {
                 Some(oid) => format!(
-                    "   if it is missing, or its ObjectId is not {oid} (the Enterprise application's; the App Registration's Object ID is another object), (re)create it:"
+                    "   missing, or its ObjectId is not {oid} (the Enterprise application's; the App Registration's Object ID is another object)? (re)create it:"
                 ),
-                None => "   if it is missing, or its ObjectId is not the Enterprise application's (Entra admin center > Enterprise applications, not App registrations), (re)create it:".to_string(),
+                None => "   missing, or its ObjectId is not the Enterprise application's (Entra admin center > Enterprise applications, not App registrations)? (re)create it:".to_string(),
             })
             .command(cmd::ps_remove_service_principal(ids))
             .command(cmd::ps_new_service_principal(ids))
@@ -164,7 +164,8 @@ pub fn diagnose(protocol: Protocol, answer: &Answer, ids: &Ids) -> Option<(Statu
         Answer::AfterLogin { command, reply } => {
             if has(reply, "authenticated but not connected") {
                 let d = Diagnosis::new(format!(
-                    "Exchange accepted the token but cannot open {user} for it (it answered `{command}` so): the service principal is missing or was registered with the App Registration's Object ID, or it has no FullAccess on the mailbox; too many open connections to the mailbox cause it too"
+                    "Exchange accepted the token, then refused `{command}`: it cannot open {user} for this {}. The service principal is missing or was registered with the App Registration's Object ID, or it has no FullAccess on the mailbox (too many open connections to the mailbox cause this too)",
+                    if ids.app_only() { "app" } else { "user" }
                 ))
                 .and(mailbox_access(protocol, ids));
                 (Status::Fail, d)

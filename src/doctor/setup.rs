@@ -104,7 +104,12 @@ pub fn guide(r: &Request) -> String {
     let mailbox = ids.mailbox().to_string();
     let username =
         r.mailbox.as_deref().and_then(|m| m.split('@').next()).filter(|u| !u.is_empty()).unwrap_or("printer");
-    let names: Vec<&str> = protocols.iter().map(|p| p.as_str()).collect();
+    let names: Vec<String> = protocols.iter().map(|p| p.as_str().to_uppercase()).collect();
+    let names = match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => "no protocol".into(),
+    };
     let permissions: Vec<&str> = protocols.iter().map(|p| cmd::permission(*p, r.flow)).collect();
     let app = cmd::portal_app(&ids);
 
@@ -117,12 +122,7 @@ pub fn guide(r: &Request) -> String {
     } else {
         "delegated (refresh_token): a user signs in once"
     };
-    let _ = writeln!(
-        g.out,
-        "Entra and Exchange Online setup: {flow_text}, for {} in tenant {}.",
-        names.join(", "),
-        r.tenant
-    );
+    let _ = writeln!(g.out, "Entra and Exchange Online setup: {flow_text}, for {names} in tenant {}.", r.tenant);
     if r.client_id.is_none() || r.mailbox.is_none() {
         let _ = writeln!(
             g.out,
@@ -198,15 +198,17 @@ pub fn guide(r: &Request) -> String {
             r.tenant
         ));
 
-        g.step("Give the signing-in user the mailbox, if it is not the user's own.");
-        g.say("For a shared mailbox, the user who signs in needs, in Exchange Online PowerShell:");
+        g.step("Only if it is a shared mailbox: give it to the user who will sign in.");
+        g.say("In Exchange Online PowerShell:");
         for line in cmd::ps_connect(&ids) {
             g.run(&line);
         }
-        g.run(&cmd::ps_full_access(&ids, "<SHARED_MAILBOX>", Some(&mailbox)));
+        g.run(&cmd::ps_full_access(&ids, &mailbox, Some("<SIGNING_IN_USER>")));
         if protocols.contains(&Protocol::Smtp) {
-            g.run(&cmd::ps_send_as(&ids, "<SHARED_MAILBOX>", Some(&mailbox)));
-            g.say("and smtp_user is then the signing-in user: SMTP AUTH logs in only as the token's owner.");
+            g.run(&cmd::ps_send_as(&ids, &mailbox, Some("<SIGNING_IN_USER>")));
+            g.say(
+                "and add `smtp_user: <SIGNING_IN_USER>` to the account: SMTP AUTH logs in only as the token's owner.",
+            );
         }
     }
 
@@ -268,7 +270,9 @@ pub fn guide(r: &Request) -> String {
     } else {
         g.step("Check the configuration.");
         g.run(&format!("xoauth2-proxy check -c {}", r.config));
-        g.step(&format!("Sign in once, as {mailbox}, from any browser (then `check --online` tests every step)."));
+        g.step(&format!(
+            "Sign in once, as {mailbox} (for a shared mailbox: the user above), from any browser; then `check --online` tests every step."
+        ));
         g.run(&format!("xoauth2-proxy login -c {} {username}", r.config));
     }
     g.out

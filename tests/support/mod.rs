@@ -74,6 +74,17 @@ impl Default for Options {
     }
 }
 
+/// Upstreams that behave like mailboxes after login (instead of echoing), so
+/// what `check --online` sends after authenticating gets a real answer.
+pub fn mailbox_upstreams(options: Options) -> Options {
+    let mailbox = Arc::new(testkit::Mailbox::new());
+    let with = |proto| UpstreamOptions {
+        after_auth: testkit::AfterAuth::Mailbox(mailbox.clone()),
+        ..UpstreamOptions::new(proto)
+    };
+    Options { imap: with(Proto::Imap), pop3: with(Proto::Pop3), smtp: with(Proto::Smtp), ..options }
+}
+
 pub struct Harness {
     pub pki: TestPki,
     pub other_pki: TestPki,
