@@ -68,6 +68,7 @@ class Env:
     postfix_config: str
     mbsync_dir: Path
     pending: list  # the world.PENDING features this world was rendered with
+    check_configs: dict  # name -> path of a config for `check --online` (world.CHECK_CONFIGS)
 
     @classmethod
     def load(cls, path: str) -> "Env":
@@ -76,7 +77,8 @@ class Env:
                    sink_dir=Path(raw["sink_dir"]), dovecot_config=raw["dovecot_config"], logs=raw["logs"],
                    proxy_bin=raw["proxy_bin"], proxy_config=raw["proxy_config"],
                    token_store=Path(raw["token_store"]), postfix_config=raw["postfix_config"],
-                   mbsync_dir=Path(raw["mbsync_dir"]), pending=raw["pending"])
+                   mbsync_dir=Path(raw["mbsync_dir"]), pending=raw["pending"],
+                   check_configs=raw["check_configs"])
 
     def proxy_command(self, *args: str) -> list[str]:
         """The proxy binary with this run's config, for `login` and `token`."""
@@ -126,8 +128,13 @@ class Mock:
         """stats[table][client][key], e.g. ("introspections", "revoke", "inactive")."""
         return self.stats()[table].get(IDENTITIES[identity].client_id, {}).get(key, 0)
 
-    def fault(self, identity: str, mode: str, delay: float = 5) -> None:
-        self._call("/_control/fault", {"client_id": IDENTITIES[identity].client_id, "mode": mode, "delay": delay})
+    def fault(self, identity: str, mode: str, delay: float = 5, code: int | None = None) -> None:
+        self._call("/_control/fault", {"client_id": IDENTITIES[identity].client_id, "mode": mode, "delay": delay,
+                                       "code": code})
+
+    def claims(self, identity: str, **claims) -> dict:
+        """The claims of the identity's next tokens (roles, scp, aud, tid; None removes one)."""
+        return self._call("/_control/claims", {"client_id": IDENTITIES[identity].client_id, "claims": claims})
 
     def revoke(self, identity: str) -> int:
         return self._call("/_control/revoke", {"client_id": IDENTITIES[identity].client_id})["revoked"]

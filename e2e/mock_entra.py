@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """A mock Microsoft Entra ID for the end-to-end suite, with the hooks Dovecot calls.
 
-Entra side (what xoauth2-proxy talks to), per tenant:
+Entra side (what xoauth2-proxy talks to), per tenant (its ID or its domain):
   POST /{tenant}/oauth2/v2.0/token       grant_type = client_credentials, refresh_token
                                          (rotating: a redeemed refresh token is dead) or
                                          urn:ietf:params:oauth:grant-type:device_code
   POST /{tenant}/oauth2/v2.0/devicecode  starts a device-code flow
+  GET  /{tenant}/v2.0/.well-known/openid-configuration
+                                         the discovery document `check --online` reads
+                                         first (AADSTS90002 / 900023 for other tenants)
 
 Dovecot side (Dovecot stands in for Exchange Online and asks us about each token):
   POST /_dovecot/introspect   passdb 1: is the token active? Answers the tenant's domain
@@ -20,24 +23,29 @@ Dovecot side (Dovecot stands in for Exchange Online and asks us about each token
 Control API for the scenarios:
   GET  /_control/stats      counters and token request times, per client_id
   GET  /_control/tokens     every access and refresh token issued (to check logs for leaks)
-  POST /_control/fault      {"client_id", "mode", "delay"}: the token endpoint answers 500,
-                            is `delay` seconds slow, or says invalid_grant for this client;
+  POST /_control/fault      {"client_id", "mode", "delay", "code"}: the token endpoint answers
+                            500, is `delay` seconds slow, says invalid_grant, or (mode aadsts)
+                            answers Entra's error AADSTS`code` for this client;
                             mode introspection_500 makes the introspection of its tokens fail
                             instead, which Dovecot reports as a temporary failure (the way
                             Exchange answers when it throttles); mode none ends the fault
   POST /_control/revoke     {"client_id"}: every access token issued to it becomes inactive
   POST /_control/lifetime   {"client_id", "seconds"}: lifetime of the next tokens
+  POST /_control/claims     {"client_id", "roles"?, "scp"?, "aud"?, "tid"?}: claims of its
+                            next tokens (a key left out keeps its value; null removes it)
   POST /_control/device     {"user_code", "action": approve|deny|expire, "user"}
 
 The configuration (--config, JSON) names the tenant, its domain, Dovecot's own client
 credentials and the app registrations: {client_id: {secret, lifetime, mailboxes,
-public, device_interval}}. Tokens are JWT-shaped and about 2,000 characters long, as
-real Entra access tokens are; they are opaque to everyone but this server.
+public, device_interval, roles}}. Tokens are JWT-shaped and about 2,000 characters long,
+as real Entra access tokens are, with the claims Exchange reads (aud, tid, roles for
+app-only tokens, scp for delegated ones); the signature is random bytes.
 """
 
 import argparse
 import base64
 import json
+import re
 import secrets
 import sys
 import threading
@@ -77,6 +85,42 @@ class OAuthError(Exception):
             "trace_id": str(uuid.uuid4()),
             "correlation_id": str(uuid.uuid4()),
         }
+
+
+# Entra's errors as it words them (Microsoft's "Microsoft Entra authentication and
+# authorization error codes" reference; the same texts as testkit's Fault::aadsts):
+# code -> (HTTP status, error, description). {client} and {tenant} are filled in.
+AADSTS = {
+    7000215: (401, "invalid_client", "Invalid client secret provided. Ensure the secret being sent in the request "
+              "is the client secret value, not the client secret ID, for a secret added to app '{client}'."),
+    7000222: (401, "invalid_client", "The provided client secret keys for app '{client}' are expired. Visit the "
+              "Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using "
+              "certificate credentials for added security: https://aka.ms/certCreds."),
+    700016: (400, "unauthorized_client", "Application with identifier '{client}' was not found in the directory "
+             "'{tenant}'. This can happen if the application has not been installed by the administrator of the "
+             "tenant or consented to by any user in the tenant. You may have sent your authentication request to "
+             "the wrong tenant."),
+    65001: (400, "invalid_grant", "The user or administrator has not consented to use the application with ID "
+            "'{client}' named 'xoauth2-proxy'. Send an interactive authorization request for this user and resource."),
+    700027: (401, "invalid_client", "The certificate with identifier used to sign the client assertion is not "
+             "registered on application. [Reason - The key was not found.]"),
+    700024: (400, "invalid_client", "Client assertion is not within its valid time range."),
+    50173: (400, "invalid_grant", "The provided grant has expired due to it being revoked, a fresh auth token is "
+            "needed. The user might have changed or reset their password."),
+    700082: (400, "invalid_grant", "The refresh token has expired due to inactivity. The token was issued on "
+             "2024-01-02T09:00:00.0000000Z and was inactive for 90.00:00:00."),
+    70008: (400, "invalid_grant", "The provided authorization code or refresh token has expired due to inactivity. "
+            "Send a new interactive authorization request for this user and resource."),
+    70011: (400, "invalid_scope", "The provided request must include a 'scope' input parameter. The provided value "
+            "for the input parameter 'scope' is not valid."),
+    7000218: (401, "invalid_client", "The request body must contain the following parameter: 'client_assertion' "
+              "or 'client_secret'."),
+}
+
+
+def aadsts(code: int, client: str, tenant: str) -> OAuthError:
+    status, error, text = AADSTS[code]
+    return OAuthError(status, error, code, text.format(client=client, tenant=tenant))
 
 
 @dataclass
@@ -131,6 +175,7 @@ class Entra:
         self.refresh_tokens: dict[str, tuple[str, str]] = {}  # refresh token -> (client_id, user)
         self.devices: dict[str, DeviceFlow] = {}  # device_code -> flow
         self.faults: dict[str, dict] = {}
+        self.claims: dict[str, dict] = {}  # client_id -> claims to set on its next tokens
         self.stats = Stats()
 
     # ---- issuing -----------------------------------------------------------
@@ -161,9 +206,16 @@ class Entra:
             "wids": ["0997a1d0-0d1d-4acb-b408-d5ca73121e90"],
         }
         if user is None:
-            claims["roles"] = APP_ROLES
+            claims["roles"] = list(self.clients[client_id].get("roles", APP_ROLES))
         else:
-            claims.update(upn=user, unique_name=user, scp="IMAP.AccessAsUser.All POP.AccessAsUser.All SMTP.Send")
+            claims.update(upn=user, unique_name=user, scp="IMAP.AccessAsUser.All POP.AccessAsUser.All SMTP.Send",
+                          aud="https://outlook.office.com")
+        # Claims a scenario chose for this client (None removes the claim).
+        for key, value in self.claims.get(client_id, {}).items():
+            if value is None:
+                claims.pop(key, None)
+            else:
+                claims[key] = value
         header = b64url_json({"typ": "JWT", "alg": "RS256", "x5t": b64url(secrets.token_bytes(20)),
                               "kid": b64url(secrets.token_bytes(20))})
         signature = b64url(secrets.token_bytes(256))
@@ -210,9 +262,31 @@ class Entra:
             raise OAuthError(401, "invalid_client", 7000215, "Invalid client secret provided.")
         return client_id
 
+    def known_tenant(self, tenant: str) -> bool:
+        return tenant.lower() in (self.tenant.lower(), self.domain.lower())
+
+    def unknown_tenant(self, tenant: str) -> OAuthError:
+        """AADSTS900023 for a name that cannot be a tenant (neither a GUID nor a domain),
+        AADSTS90002 for one that could but is not known."""
+        if "." in tenant or re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", tenant):
+            return OAuthError(400, "invalid_tenant", 90002,
+                              f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID "
+                              "and are signing into the correct cloud.")
+        return OAuthError(400, "invalid_tenant", 900023,
+                          f"Specified tenant identifier '{tenant}' is neither a valid DNS name, nor a valid "
+                          "external domain.")
+
+    def discovery(self, tenant: str, base: str) -> dict:
+        if not self.known_tenant(tenant):
+            raise self.unknown_tenant(tenant)
+        return {"token_endpoint": f"{base}/{tenant}/oauth2/v2.0/token",
+                "device_authorization_endpoint": f"{base}/{tenant}/oauth2/v2.0/devicecode",
+                "issuer": f"{base}/{self.tenant}/v2.0",
+                "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt"]}
+
     def token(self, tenant: str, form: dict) -> dict:
-        if tenant != self.tenant:
-            raise OAuthError(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
+        if not self.known_tenant(tenant):
+            raise self.unknown_tenant(tenant)
         grant = form.get("grant_type", "")
         with self.lock:
             if grant == "client_credentials":
@@ -247,8 +321,8 @@ class Entra:
     # ---- device code flow --------------------------------------------------
 
     def device_code(self, tenant: str, form: dict) -> dict:
-        if tenant != self.tenant:
-            raise OAuthError(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
+        if not self.known_tenant(tenant):
+            raise self.unknown_tenant(tenant)
         with self.lock:
             client_id = self._client(form, secret_required=False)
             client = self.clients[client_id]
@@ -356,15 +430,25 @@ class Entra:
 
     # ---- control -----------------------------------------------------------
 
-    def set_fault(self, client_id: str, mode: str, delay: float) -> dict:
-        if mode not in ("none", "500", "slow", "invalid_grant", "introspection_500"):
+    def set_fault(self, client_id: str, mode: str, delay: float, code: int | None = None) -> dict:
+        if mode not in ("none", "500", "slow", "invalid_grant", "introspection_500", "aadsts"):
             raise ValueError(mode)
+        if mode == "aadsts" and code not in AADSTS:
+            raise ValueError(f"no catalogued AADSTS{code}")
         with self.lock:
             if mode == "none":
                 self.faults.pop(client_id, None)
             else:
-                self.faults[client_id] = {"mode": mode, "delay": delay}
+                self.faults[client_id] = {"mode": mode, "delay": delay, "code": code}
             return {"client_id": client_id, "mode": mode}
+
+    def set_claims(self, client_id: str, claims: dict) -> dict:
+        allowed = {"roles", "scp", "aud", "tid"}
+        if not set(claims) <= allowed:
+            raise ValueError(f"only {sorted(allowed)} can be chosen")
+        with self.lock:
+            self.claims.setdefault(client_id, {}).update(claims)
+            return {"client_id": client_id, "claims": self.claims[client_id]}
 
     def revoke(self, client_id: str) -> dict:
         with self.lock:
@@ -437,6 +521,13 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, self.entra.snapshot())
         if path == "/_control/tokens":
             return self._send(200, self.entra.issued())
+        parts = path.strip("/").split("/")
+        if parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
+            base = f"http://{self.headers.get('Host', '127.0.0.1')}"
+            try:
+                return self._send(200, self.entra.discovery(parts[0], base))
+            except OAuthError as e:
+                return self._send(e.status, e.body())
         self._send(404, {"error": "not_found"})
 
     def do_POST(self):
@@ -474,13 +565,17 @@ class Handler(BaseHTTPRequestHandler):
                                     "error_codes": [90033]})
         elif mode == "invalid_grant":
             raise self.entra.invalid_grant()
+        elif mode == "aadsts":
+            raise aadsts(fault["code"], form.get("client_id", ""), tenant)
         self._send(200, self.entra.token(tenant, form))
 
     def _control(self, action: str, body: dict) -> None:
         entra = self.entra
         if action == "fault":
             return self._send(200, entra.set_fault(body["client_id"], body.get("mode", "none"),
-                                                   float(body.get("delay", 5))))
+                                                   float(body.get("delay", 5)), body.get("code")))
+        if action == "claims":
+            return self._send(200, entra.set_claims(body["client_id"], body.get("claims", {})))
         if action == "revoke":
             return self._send(200, entra.revoke(body["client_id"]))
         if action == "lifetime":

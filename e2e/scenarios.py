@@ -16,6 +16,7 @@ import fnmatch
 import functools
 import imaplib
 import itertools
+import json
 import poplib
 import re
 import smtplib
@@ -638,6 +639,100 @@ def delegated_login(ctx: Context, logins: int, every: float):
     check(typ == "OK", "Dovecot refused the token printed by `xoauth2-proxy token`")
     imap.logout()
     return f"{logins} logins, {redeemed} refresh token rotations, `token` accepted by Dovecot"
+
+
+# ---- check --online: the diagnosis against the real Dovecot -------------------------
+
+def check_online(ctx: Context, config: str, *args: str) -> tuple[int, str]:
+    """Runs `xoauth2-proxy check --online` on one of world.CHECK_CONFIGS; what it
+    printed is also appended to WORK/check-CONFIG.out (kept with E2E_KEEP=1)."""
+    command = [ctx.env.proxy_bin, "check", "--online", *args, "-c", ctx.env.check_configs[config]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    with open(ctx.env.work / f"check-{config}.out", "a") as f:
+        f.write(f"$ {' '.join(command)}\n{result.stdout}{result.stderr}(exit {result.returncode})\n\n")
+    return result.returncode, result.stdout + result.stderr
+
+
+def login_lines(out: str) -> dict:
+    """protocol -> the status word of its login line ("ok", "FAIL", "warn")."""
+    found = {}
+    for line in out.splitlines():
+        match = re.match(r"\s+(ok|FAIL|warn)\s+login\s+(imap|pop3|smtp) ", line)
+        if match:
+            found[match.group(2)] = match.group(1)
+    return found
+
+
+@scenario("check-online-good")
+def check_online_good(ctx: Context):
+    """A correct registration: every step ok at the mock Entra and at Dovecot (a real
+    XOAUTH2 login per protocol, as the mailbox and, for SMTP, as smtp_user), exit 0;
+    --json says the same."""
+    acct = A["doc"]
+    grants = grants_for(ctx, acct.identity, acct.smtp_user)
+    code, out = check_online(ctx, "good")
+    check(code == 0, f"exit {code}:\n{out}")
+    check(login_lines(out) == {"imap": "ok", "pop3": "ok", "smtp": "ok"}, f"logins:\n{out}")
+    check("tenant exists (tenant ID " + world.TENANT + ")" in out, f"endpoint:\n{out}")
+    check("roles IMAP.AccessAsApp POP.AccessAsApp SMTP.SendAsApp" in out, f"claims:\n{out}")
+    check(", 0 failed" in out, out)
+    check(grants_for(ctx, acct.identity, acct.smtp_user) == grants + 1, "Dovecot saw no SMTP login as smtp_user")
+    code, out = check_online(ctx, "good", "--json")
+    doc = json.loads(out)
+    check(code == 0 and doc["result"]["exit_code"] == 0, f"--json exit {code}: {doc['result']}")
+    statuses = {c["status"] for c in doc["checks"]}
+    check(statuses == {"ok"}, f"--json statuses {statuses}")
+    return f"{len(doc['checks'])} checks ok"
+
+
+@scenario("check-online-missing-role")
+def check_online_missing_role(ctx: Context):
+    """The app's tokens lack POP.AccessAsApp: the claims step fails naming the
+    permission and admin consent, no POP3 login is tried, IMAP and SMTP still log in
+    at Dovecot, exit 1."""
+    code, out = check_online(ctx, "norole")
+    check(code == 1, f"exit {code}:\n{out}")
+    claims = next((line for line in out.splitlines() if re.match(r"\s+FAIL\s+claims", line)), None)
+    check(claims is not None, f"no failing claims step:\n{out}")
+    check("the token lacks POP.AccessAsApp" in out, f"the permission is not named:\n{out}")
+    check("Application permissions > POP.AccessAsApp" in out and "Grant admin consent for" in out, out)
+    check(login_lines(out) == {"imap": "ok", "smtp": "ok"}, f"logins:\n{out}")
+    return claims.strip()
+
+
+@scenario("check-online-wrong-secret")
+def check_online_wrong_secret(ctx: Context):
+    """The secret's ID pasted instead of its value: the token step fails with
+    AADSTS7000215 and says to copy the Value column."""
+    code, out = check_online(ctx, "wrong-secret")
+    check(code == 1 and re.search(r"FAIL\s+token\s+HTTP 401 invalid_client: AADSTS7000215", out), out)
+    check("not the Secret ID column" in out, out)
+
+
+@scenario("check-online-unknown-tenant")
+def check_online_unknown_tenant(ctx: Context):
+    """A tenant Entra does not know: the first step fails with AADSTS90002."""
+    code, out = check_online(ctx, "unknown-tenant")
+    check(code == 1 and re.search(r"FAIL\s+endpoint\s+.*AADSTS90002", out), out)
+    check("set tenant of identity" in out, out)
+
+
+@scenario("check-online-on-demand")
+def check_online_on_demand(ctx: Context):
+    """The mock's controls: an AADSTS error on demand (an expired secret), then a
+    Microsoft Graph audience chosen for the tokens; each stops its chain with its fix."""
+    try:
+        ctx.mock.fault("doctor", "aadsts", code=7000222)
+        code, out = check_online(ctx, "good")
+        check(code == 1 and "AADSTS7000222: the client secret has expired" in out, out)
+    finally:
+        ctx.mock.fault("doctor", "none")
+    try:
+        ctx.mock.claims("doctor", aud="https://graph.microsoft.com")
+        code, out = check_online(ctx, "good")
+        check(code == 1 and "Microsoft Graph token" in out and not login_lines(out), out)
+    finally:
+        ctx.mock.claims("doctor", aud="https://outlook.office365.com")
 
 
 # ---- local authentication ----------------------------------------------------------

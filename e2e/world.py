@@ -9,6 +9,7 @@ scenarios make are all derived from the tables below, so they cannot drift apart
 picks free loopback ports and writes, under WORK_DIR, everything one run needs:
 mock.json, proxy.yaml, dovecot/{dovecot.conf,oauth2-*.conf.ext}, postfix/{main.cf,
 master.cf,sasl_passwd,...} (the site relay), mbsync/*.rc (one per mbsync scenario),
+check-*.yaml (small configs the check-* scenarios diagnose with `check --online`),
 env.json (what the scenarios read) and ports.env (what e2e/run.sh sources).
 """
 
@@ -43,6 +44,7 @@ class Identity:
     reachable: bool = True  # False: the authority is a port nobody listens on
     permitted: bool = True  # False: the app has no permission on its mailboxes
     flow: str = "client_credentials"  # or refresh_token: a public client, signed in with `login`
+    roles: tuple[str, ...] | None = None  # the application permissions in its tokens (None: all three)
 
     @property
     def delegated(self) -> bool:
@@ -95,6 +97,10 @@ IDENTITIES = {i.name: i for i in [
     Identity("never"),
     # Delegated: 30 s tokens, so the scenario sees refresh tokens rotate a few times.
     Identity("delegated", lifetime=30, min_token_lifetime="5s", flow="refresh_token"),
+    # `check --online` diagnoses these: a correct registration, and one whose admin
+    # forgot POP.AccessAsApp.
+    Identity("doctor"),
+    Identity("doctor-norole", roles=("IMAP.AccessAsApp", "SMTP.SendAsApp")),
 ]}
 
 ACCOUNTS = {a.username: a for a in [
@@ -131,7 +137,18 @@ ACCOUNTS = {a.username: a for a in [
     # non-ASCII letters (UTF-8 on the wire), hashed to cover argon2 with UTF-8 input.
     Account("quirky", "main", secret="~tilde \"quo ted\" back\\slash \\\\ two  spaces ~"),
     Account("unicode", "main", hashed=True, secret="Pässwörd ~ \"ünï\" \\ 日本語 €"),
+    Account("doc", "doctor", smtp_user=f"docsender@{DOMAIN}"),
+    Account("docnorole", "doctor-norole"),
 ]}
+
+# The configs check-* scenarios run `check --online` with: name -> (identity, account,
+# tenant as configured, client secret as configured or None for the right one).
+CHECK_CONFIGS = {
+    "good": ("doctor", "doc", TENANT, None),
+    "norole": ("doctor-norole", "docnorole", TENANT, None),
+    "wrong-secret": ("doctor", "doc", TENANT, "the-secret-id-not-its-value"),
+    "unknown-tenant": ("doctor", "doc", "nosuch.example.test", None),
+}
 
 PROTOCOLS = {"imap": ("imaps", "implicit"), "pop3": ("pop3s", "implicit"), "smtp": ("submission", "starttls")}
 
@@ -237,6 +254,8 @@ def mock_config(dovecot_secret: str) -> dict:
             for mailbox in (a.mailbox, a.smtp_user) if mailbox]
         clients[identity.client_id] = {"secret": identity.secret, "lifetime": identity.lifetime,
                                        "mailboxes": mailboxes}
+        if identity.roles is not None:
+            clients[identity.client_id]["roles"] = list(identity.roles)
     clients[DELEGATED_CLIENT_ID] = {"public": True, "lifetime": IDENTITIES["delegated"].lifetime,
                                     "device_interval": 1}
     return {"tenant": TENANT, "domain": DOMAIN, "clients": clients,
@@ -298,6 +317,25 @@ def proxy_config(ports: dict, pki: Path, store: Path, proxy_bin: str, debug: boo
                 else ["max_sessions_per_mailbox: 100"]),
               "log:", f"  level: {'debug' if debug else 'info'}", "  format: text", "shutdown_timeout: 2s", ""]
     return "\n".join(lines)
+
+
+def check_config(ports: dict, ca_file: Path, name: str) -> str:
+    """A config with one identity and one account and a listener per protocol, all
+    in front of this run's Dovecot, for `check --online` (nothing binds them)."""
+    identity_name, account_name, tenant, secret = CHECK_CONFIGS[name]
+    identity, account = IDENTITIES[identity_name], ACCOUNTS[account_name]
+    lines = [f"# `check --online` diagnoses this ({name}); written by e2e/world.py.", "listeners:"]
+    for protocol, (upstream, tls) in PROTOCOLS.items():
+        lines += [f"  - name: {protocol}", f"    protocol: {protocol}", f"    bind: {HOST}:0",
+                  f"    upstream: {HOST}:{ports[upstream]}", f"    upstream_tls: {tls}", "    upstream_timeout: 10s"]
+    lines += [f"upstream_ca_file: {yaml_str(str(ca_file))}", "identities:", f"  {identity.name}:",
+              f"    authority: http://{HOST}:{ports['mock']}", f"    tenant: {tenant}",
+              f"    client_id: {identity.client_id}", f"    client_secret: {yaml_str(secret or identity.secret)}",
+              "accounts:", f"  - username: {account.username}", f"    password: {yaml_str(account.password)}",
+              f"    mailbox: {account.mailbox}", f"    identity: {identity.name}"]
+    if account.smtp_user:
+        lines.append(f"    smtp_user: {account.smtp_user}")
+    return "\n".join(lines + [""])
 
 
 def render(template: str, values: dict) -> str:
@@ -395,10 +433,15 @@ def configure(work: Path, proxy_bin: str, debug: bool) -> None:
     (work / "proxy.yaml").write_text(proxy_config(ports, work / "pki", work / "store", proxy_bin, debug, pending))
     postfix_config(work, ports)
     mbsync_config(work, ports)
+    check_configs = {}
+    for name in CHECK_CONFIGS:
+        check_configs[name] = str(work / f"check-{name}.yaml")
+        Path(check_configs[name]).write_text(check_config(ports, work / "pki" / "ca.pem", name))
     env = {
         "work": str(work), "host": HOST, "ports": ports,
         "proxy_bin": proxy_bin, "proxy_config": str(work / "proxy.yaml"), "token_store": str(work / "store"),
         "ca_file": str(work / "pki" / "ca.pem"),
+        "check_configs": check_configs,
         "sink_dir": str(work / "sink"),
         "dovecot_config": str(dovecot_dir / "dovecot.conf"),
         "pending": pending, "postfix_config": str(work / "postfix" / "etc"), "mbsync_dir": str(work / "mbsync"),
