@@ -495,6 +495,17 @@ async fn send_as_denied_and_the_thread_limit_are_seen_at_mail_from() {
 }
 
 #[tokio::test]
+async fn a_temporary_failure_says_to_try_again() {
+    let h = harness().await;
+    h.pop3.set_temporary_failure(true);
+    check(&h).await.fails_at(
+        "FAIL",
+        "login",
+        &["pop3 ", "[SYS/TEMP] Server is busy", "temporary failure (busy or throttling)", "max_sessions_per_mailbox"],
+    );
+}
+
+#[tokio::test]
 async fn the_xoauth2_error_challenge_is_decoded() {
     let h = harness().await;
     h.imap.set_exchange_fault(Some(ExchangeFault::Challenge(

@@ -41,7 +41,7 @@ pub enum Step {
 impl Step {
     fn label(self) -> &'static str {
         match self {
-            Step::Prerequisites => "setup",
+            Step::Prerequisites => "local",
             Step::Endpoint => "endpoint",
             Step::Token => "token",
             Step::Claims => "claims",
