@@ -22,8 +22,9 @@
 //! Beside the path: [`config`] (raw serde layer, `${VAR}` expansion,
 //! validation; imports nothing above [`protocol`] and [`secret`]),
 //! [`preflight`] (the files a config names), [`tls`], [`secret`] (the
-//! redacting `Secret<T>`), [`text`], [`fsutil`], [`telemetry`], and [`cli`]
-//! (one module per subcommand).
+//! redacting `Secret<T>`), [`text`], [`fsutil`], [`telemetry`], [`doctor`]
+//! (`check --online`'s diagnosis of the path above, and the `setup` guide),
+//! and [`cli`] (one module per subcommand).
 #![forbid(unsafe_code)]
 
 pub mod accounts;

@@ -1,6 +1,8 @@
 //! `check --online` as a diagnosis: each fault is set up at the fake token
 //! endpoint or the fake Exchange upstreams, and the test asserts the step
 //! that fails and the fix printed, in the config's own ids.
+// A test fails by panicking: unwrap and expect are its assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
