@@ -294,6 +294,33 @@ async fn each_entra_refusal_of_a_delegated_token_gets_its_cause_and_fix() {
     check(&h).await.fails_at("FAIL", "token", &["never signed in", &login]);
 }
 
+/// The ownership story: the delegated checks write the token store (a rotated
+/// refresh token), so root is sent to the service user as `login` is, and the
+/// app-only identities are checked all the same.
+#[tokio::test]
+async fn root_does_not_write_the_service_users_token_store() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipped: needs root (CI runs as root) to give a directory to another user");
+        return;
+    }
+    let h = delegated().await;
+    seed(&h, "printer", MAILBOX);
+    let store = h.dir().join("store");
+    // 65534 is nobody on Debian.
+    std::os::unix::fs::chown(&store, Some(65534), Some(65534)).unwrap();
+    let before: Vec<_> = std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let run = check(&h).await;
+    assert_eq!(run.code, Some(1));
+    run.fails_at("FAIL", "local", &[&format!("{} belongs to nobody", store.display()), "sudo -u nobody"]);
+    assert!(
+        run.stdout.contains("FAIL token     not checked: its accounts' tokens are in the token store"),
+        "{}",
+        run.stdout
+    );
+    let after: Vec<_> = std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after, "nothing was written to the store");
+}
+
 // ---- 3. the token's claims ------------------------------------------------------
 
 #[tokio::test]

@@ -24,7 +24,10 @@ pub async fn run(config_path: &Path, online: bool, json: bool) -> ExitCode {
             return ExitCode::from(super::EXIT_CONFIG);
         }
     };
-    let report = if online { Some(crate::doctor::diagnose(&config).await) } else { None };
+    let report = match online {
+        true => Some(crate::doctor::diagnose(&config, &super::owner::check_writer).await),
+        false => None,
+    };
     let failed = report.as_ref().is_some_and(|r| r.failed());
     let code = u8::from(failed);
     if json {

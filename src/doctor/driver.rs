@@ -89,9 +89,15 @@ fn about(mut check: Check, ids: &Ids) -> Check {
     check
 }
 
+/// Whether this process may write a path: the delegated checks write the
+/// token store (rotated refresh tokens, the key on first use), and a file
+/// root leaves in the service user's directory is one the service cannot
+/// read. The CLI passes its ownership rule; `Ok` everywhere allows all.
+pub type MayWrite<'a> = &'a dyn Fn(&std::path::Path) -> Result<(), String>;
+
 /// Diagnoses every identity and account of `config` against the real
 /// endpoints and upstreams it names.
-pub async fn diagnose(config: &Config) -> Report {
+pub async fn diagnose(config: &Config, may_write: MayWrite<'_>) -> Report {
     let mut report = Report::default();
     crate::tls::install_default_provider();
     let tls = match crate::tls::client_config(config.upstream_ca_file.as_deref()) {
@@ -106,25 +112,62 @@ pub async fn diagnose(config: &Config) -> Report {
             return report;
         }
     };
+    let delegated = config.identities.values().any(|i| i.flow == crate::config::Flow::RefreshToken);
+    let mut store_refused = None;
+    let writable = |s: &crate::config::TokenStoreConfig| {
+        may_write(&s.path)?;
+        match &s.key {
+            crate::config::TokenStoreKey::File(key) => may_write(key),
+            crate::config::TokenStoreKey::Inline(_) => Ok(()),
+        }
+    };
     let store = match &config.token_store {
-        Some(s) => match TokenStore::open(s) {
-            Ok(store) => Some(Arc::new(store)),
-            Err(e) => {
+        // App-only identities never touch the store: do not even create its key.
+        _ if !delegated => None,
+        None => None,
+        Some(s) => match writable(s) {
+            Err(message) => {
                 report.push(Check::failed(
                     Step::Prerequisites,
-                    format!("token store {}: {e}", s.path.display()),
-                    Diagnosis::new("delegated accounts cannot be checked without their stored refresh tokens")
-                        .note("check token_store.path and its key: owner, modes 0700/0600, and that the key is the one the store was written with"),
+                    format!("token store {}: not to be written by this user", s.path.display()),
+                    Diagnosis::new(message.clone()),
                 ));
+                store_refused = Some(message);
                 None
             }
+            Ok(()) => match TokenStore::open(s) {
+                Ok(store) => Some(Arc::new(store)),
+                Err(e) => {
+                    report.push(Check::failed(
+                        Step::Prerequisites,
+                        format!("token store {}: {e}", s.path.display()),
+                        Diagnosis::new("delegated accounts cannot be checked without their stored refresh tokens")
+                            .note("check token_store.path and its key: owner, modes 0700/0600, and that the key is the one the store was written with"),
+                    ));
+                    None
+                }
+            },
         },
-        None => None,
     };
+
     // The checks never run on_reauth_required: a human is watching already.
     let ctx = SourceContext { tls: tls.clone(), store, notifier: Arc::new(ReauthNotifier::new(None, &config.source)) };
     let targets = targets(config);
     for identity in config.identities.values() {
+        if identity.flow == crate::config::Flow::RefreshToken {
+            if let Some(message) = &store_refused {
+                let ids = identity_ids(config, identity);
+                report.push(about(
+                    Check::failed(
+                        Step::Token,
+                        "not checked: its accounts' tokens are in the token store",
+                        Diagnosis::new(message.clone()),
+                    ),
+                    &ids,
+                ));
+                continue;
+            }
+        }
         diagnose_identity(config, identity, &ctx, &targets, &mut report).await;
     }
     report

@@ -10,6 +10,10 @@ use crate::config::Flow;
 use crate::protocol::Protocol;
 use std::fmt::Write;
 
+/// The Debian package's service user: it owns the token store and reads
+/// the secrets (README, "Running as a service").
+const SERVICE_USER: &str = "xoauth2-proxy";
+
 /// How an app-only registration proves itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppCredential {
@@ -123,6 +127,10 @@ pub fn guide(r: &Request) -> String {
         "delegated (refresh_token): a user signs in once"
     };
     let _ = writeln!(g.out, "Entra and Exchange Online setup: {flow_text}, for {names} in tenant {}.", r.tenant);
+    let _ = writeln!(
+        g.out,
+        "Commands for this machine assume the package's service user {SERVICE_USER} (drop sudo -u/-g where the proxy runs as you)."
+    );
     if r.client_id.is_none() || r.mailbox.is_none() {
         let _ = writeln!(
             g.out,
@@ -142,18 +150,15 @@ pub fn guide(r: &Request) -> String {
                 g.say(&format!("{app} > Certificates & secrets > Client secrets > New client secret"));
                 g.say("(up to 24 months; note the expiry date: the proxy then gets AADSTS7000222).");
                 g.say("Copy the Value column at once, it is shown only now; not the Secret ID (that gives AADSTS7000215).");
-                g.say("Store it where only the proxy's user can read it:");
-                g.run(&format!("install -d -m 0750 {dir}"));
-                g.run(&format!(
-                    "(umask 077; read -rsp 'secret value: ' v && printf '%s\\n' \"$v\" > {dir}/client-secret)"
-                ));
+                g.say("Store it for the proxy's user: paste the Value, then Ctrl-D:");
+                g.run(&format!("sudo install -m 0640 -g {SERVICE_USER} /dev/stdin {dir}/client-secret"));
             }
             AppCredential::Certificate => {
                 g.step("Give it a certificate (Microsoft recommends them over secrets).");
                 g.run(&format!(
-                    "openssl req -x509 -newkey rsa:3072 -nodes -days 730 -subj \"/CN=xoauth2-proxy\" -keyout {dir}/app-key.pem -out {dir}/app.pem"
+                    "sudo openssl req -x509 -newkey rsa:3072 -nodes -days 730 -subj \"/CN=xoauth2-proxy\" -keyout {dir}/app-key.pem -out {dir}/app.pem"
                 ));
-                g.run(&format!("chmod 600 {dir}/app-key.pem"));
+                g.run(&format!("sudo chgrp {SERVICE_USER} {dir}/app-key.pem && sudo chmod 0640 {dir}/app-key.pem"));
                 g.say(&format!("{app} > Certificates & secrets > Certificates > Upload certificate: app.pem"));
                 g.say("(the public half; the key never leaves this machine). A wrong one gives AADSTS700027.");
             }
@@ -271,9 +276,11 @@ pub fn guide(r: &Request) -> String {
         g.step("Check the configuration.");
         g.run(&format!("xoauth2-proxy check -c {}", r.config));
         g.step(&format!(
-            "Sign in once, as {mailbox} (for a shared mailbox: the user above), from any browser; then `check --online` tests every step."
+            "Sign in once, as {mailbox} (for a shared mailbox: the user above), from any browser; then `sudo -u {SERVICE_USER} xoauth2-proxy check --online -c {}` tests every step.",
+            r.config
         ));
-        g.run(&format!("xoauth2-proxy login -c {} {username}", r.config));
+        // The store belongs to the service user: `login` writes it as that user.
+        g.run(&format!("sudo -u {SERVICE_USER} xoauth2-proxy login -c {} {username}", r.config));
     }
     g.out
 }
