@@ -10,7 +10,7 @@ use crate::config::{Config, ListenerConfig, LocalTls as LocalTlsMode};
 use crate::protocol::{Failure, Spec, WithSpec};
 use crate::tls::{self, TlsError};
 use crate::token::{TokenError, TokenManager};
-use crate::upstream::{BadServerName, Upstream, UpstreamError};
+use crate::upstream::{BadServerName, Upstream};
 use caps::CapabilityCache;
 use limits::{ConnectionLimiter, LoginThrottler, MailboxLimiter, Refusal};
 use rustls::ServerConfig;
@@ -162,30 +162,6 @@ impl Proxy {
             .iter()
             .filter_map(|(socket, ctx)| socket.local_addr().ok().map(|a| (ctx.config.name.clone(), a)))
             .collect()
-    }
-
-    /// Connects to each listener's upstream (TLS included) and asks for its
-    /// capabilities, without binding anything: for `check --online`.
-    pub async fn probe_upstreams(
-        config: &Config,
-    ) -> Result<Vec<(String, Result<Vec<String>, UpstreamError>)>, StartError> {
-        tls::install_default_provider();
-        let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
-        struct Probe<'a>(&'a Upstream);
-        impl<'a> WithSpec for Probe<'a> {
-            type Output = crate::token::BoxFuture<'a, Result<Vec<String>, UpstreamError>>;
-            fn call<P: Spec>(self) -> Self::Output {
-                Box::pin(self.0.probe::<P::Client>())
-            }
-        }
-        let mut results = Vec::new();
-        for l in &config.listeners {
-            let upstream = Upstream::new(l, client_tls.clone())
-                .map_err(|source| StartError::Listener { listener: l.name.clone(), source })?;
-            let result = l.protocol.with(Probe(&upstream)).await;
-            results.push((l.name.clone(), result));
-        }
-        Ok(results)
     }
 
     /// The token cache the sessions use (for the service status line).
