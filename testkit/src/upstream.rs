@@ -126,6 +126,7 @@ struct Shared {
     logins: Mutex<Vec<String>>,
     auth_attempts: AtomicUsize,
     connections: AtomicUsize,
+    open: AtomicUsize,
     ehlo_names: Mutex<Vec<String>>,
     echoed: AtomicU64,
 }
@@ -156,6 +157,7 @@ impl FakeUpstream {
             logins: Mutex::new(Vec::new()),
             auth_attempts: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             ehlo_names: Mutex::new(Vec::new()),
             echoed: AtomicU64::new(0),
         });
@@ -182,6 +184,11 @@ impl FakeUpstream {
     /// XOAUTH2 attempts, accepted or not.
     pub fn auth_attempts(&self) -> usize {
         self.shared.auth_attempts.load(Ordering::SeqCst)
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
     }
 
     pub fn connections(&self) -> usize {
@@ -332,8 +339,19 @@ impl Shared {
     }
 }
 
+/// Counts a connection as open until dropped.
+struct Open(Arc<Shared>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn connection(shared: Arc<Shared>, tcp: TcpStream) {
     shared.connections.fetch_add(1, Ordering::SeqCst);
+    shared.open.fetch_add(1, Ordering::SeqCst);
+    let _open = Open(shared.clone());
     if shared.opts.stall == Some(Stall::Greeting) {
         Wire::new(tcp).stall().await;
         return;
