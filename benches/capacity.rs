@@ -337,7 +337,9 @@ async fn bulk(w: &World, proxy: &ProxyProcess, port: u16, rounds: usize, run: &m
     }
     let mib_label = len as f64 / (1024.0 * 1024.0);
     run.table.row(vec![
-        format!("proxy CPU per GB spliced, upstream to client (IMAP FETCH {mib_label:.0} MiB, fast in-memory upstream)"),
+        format!(
+            "proxy CPU per GB spliced, upstream to client (IMAP FETCH {mib_label:.0} MiB, fast in-memory upstream)"
+        ),
         format!("{:.2} s", down_cpu / (down_bytes as f64 / 1e9)),
         "-".into(),
         format!("{rounds} rounds, {down_cpu:.2} s CPU in all"),
@@ -484,14 +486,15 @@ fn main() {
     // end) and two in the proxy.
     let limit = soft_nofile();
     if args.wants("idle") && (sessions * 2 + 200) as u64 > limit {
-        panic!("--sessions {sessions} needs about {} descriptors, the limit is {limit}: raise it with `ulimit -n`", sessions * 2 + 200);
+        panic!(
+            "--sessions {sessions} needs about {} descriptors, the limit is {limit}: raise it with `ulimit -n`",
+            sessions * 2 + 200
+        );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let w = World::start(fetch_mib * 1024 * 1024).await;
-        let mut run = Run {
-            table: Table::new(&["figure", "through the proxy", "direct / reference", "ratio / note"]),
-        };
+        let mut run = Run { table: Table::new(&["figure", "through the proxy", "direct / reference", "ratio / note"]) };
         if args.wants("idle") || args.wants("fetch") || args.wants("login") {
             let port = free_port();
             let config = w.config(port, Pass::Hash(default_hashes(&[PASSWORD.to_string()]).remove(0)));

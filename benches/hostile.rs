@@ -9,6 +9,8 @@
 //!
 //! Scenarios: wrong-burst, valid-burst, cold-burst, hup-storm, slow-byte,
 //! slowloris, garbage, guessing, token-outage, early-hup, cancel-auth, fd-limit.
+//! Other flags: `--cold-accounts N` (cold-burst: 600 clients over N accounts,
+//! default 600), `--rss-cap-mib N`.
 //!
 //! Each scenario starts its own proxy process (`$XOAUTH2_BENCH_BIN`, else the
 //! binary cargo builds for the bench, which is the release profile) with three
@@ -34,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use testkit::{Fault, FakeUpstream, Proto, TestPki, TokenServer, UpstreamOptions};
+use testkit::{FakeUpstream, Fault, Proto, TestPki, TokenServer, UpstreamOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -114,7 +116,11 @@ fn configure(f: &Fakes, o: &Opts, accounts: &[AccountSpec]) -> (PathBuf, Ports) 
 const FAILURE_LINE: &str = "authentication failure";
 
 fn launch(o: &Opts) -> Launch {
-    Launch { nofile: None, patterns: vec![FAILURE_LINE.into(), "upstream unavailable".into()], rss_cap_mib: o.rss_cap_mib }
+    Launch {
+        nofile: None,
+        patterns: vec![FAILURE_LINE.into(), "upstream unavailable".into(), "accept failed".into()],
+        rss_cap_mib: o.rss_cap_mib,
+    }
 }
 
 fn start(f: &Fakes, o: &Opts, accounts: &[AccountSpec]) -> (ProxyProcess, Ports) {
@@ -247,6 +253,15 @@ async fn simultaneous(n: usize, port: u16, creds: impl Fn(usize) -> (String, Str
     (tally, started.elapsed().as_secs_f64(), held)
 }
 
+/// The proxy's RSS, or why there is none.
+fn rss_or_gone(proxy: &ProxyProcess) -> String {
+    if proxy.killed_for_memory() {
+        "n/a (killed)".into()
+    } else {
+        mib(proxy.rss_kib())
+    }
+}
+
 fn memory_note(proxy: &ProxyProcess, o: &Opts) -> String {
     if proxy.killed_for_memory() {
         format!(" (killed by the bench at {} MiB RSS)", o.rss_cap_mib)
@@ -282,15 +297,14 @@ async fn wrong_burst(o: &Opts, r: &mut Report) {
     let right_after = proxy.rss_kib();
     drop(held);
     tokio::time::sleep(Duration::from_secs(after)).await;
-    let later = proxy.rss_kib();
+    let later = rss_or_gone(&proxy);
     r.row(
         &format!("{n} connections send `LOGIN nosuch wrong` at once"),
         format!(
-            "RSS idle {}, peak {}, when all answered {}, {after} s later {}{}; answers in {secs:.1} s: {tally}",
+            "RSS idle {}, peak {}, when all answered {}, {after} s later {later}{}; answers in {secs:.1} s: {tally}",
             mib(idle),
             mib(peak),
             mib(right_after),
-            mib(later),
             memory_note(&proxy, o)
         ),
     );
@@ -305,14 +319,15 @@ async fn first_logins(o: &Opts, r: &mut Report, what: &str, n: usize, accounts: 
     let tokens = f.token.requests();
     println!("{what} ({})", load());
     proxy.reset_peak();
-    let (tally, secs, held) = simultaneous(n, ports.imap, |i| (format!("user{}", i % accounts), password(i % accounts))).await;
+    let (tally, secs, held) =
+        simultaneous(n, ports.imap, |i| (format!("user{}", i % accounts), password(i % accounts))).await;
     let peak = proxy.peak_kib();
     let tokens = f.token.requests() - tokens;
     drop(held);
     let later = match after {
         Some(s) => {
             tokio::time::sleep(Duration::from_secs(s)).await;
-            format!(", {s} s later {}", mib(proxy.rss_kib()))
+            format!(", {s} s later {}", rss_or_gone(&proxy))
         }
         None => String::new(),
     };
@@ -341,7 +356,8 @@ fn login_loops(
             let (stop, tally) = (stop.clone(), tally.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::SeqCst) {
-                    let login = imap_login(None, port, &format!("user{i}"), &password(i), Duration::from_secs(30)).await;
+                    let login =
+                        imap_login(None, port, &format!("user{i}"), &password(i), Duration::from_secs(30)).await;
                     tally.lock().unwrap().add(login.label());
                     drop(login);
                     tokio::time::sleep(pause).await;
@@ -376,8 +392,13 @@ async fn hup_storm(o: &Opts, r: &mut Report) {
         let _ = l.await;
     }
     let alive = if proxy.exited().is_some() { "the proxy died" } else { "the proxy is alive" };
+    let what = if hups == 20 {
+        "20 SIGHUPs under a steady 10-client login loop".to_string()
+    } else {
+        format!("20 SIGHUPs under a steady 10-client login loop (and {hups})")
+    };
     r.row(
-        &format!("20 SIGHUPs under a steady 10-client login loop (and {hups})"),
+        &what,
         format!(
             "RSS before {}, {}; peak {}{}; logins: {}; {alive}",
             mib(before),
@@ -399,7 +420,13 @@ fn noop(protocol: &str) -> &'static [u8] {
 
 /// One byte of `noop` every `interval` after the greeting; seconds until the
 /// proxy closes the connection, or None if it is still open at `cap`.
-async fn slow_client(from: Option<Ipv4Addr>, port: u16, protocol: &str, interval: Duration, cap: Duration) -> Option<f64> {
+async fn slow_client(
+    from: Option<Ipv4Addr>,
+    port: u16,
+    protocol: &str,
+    interval: Duration,
+    cap: Duration,
+) -> Option<f64> {
     let started = Instant::now();
     let tcp = connect_from(from, local(port)).await.ok()?;
     let (mut rd, mut wr) = tcp.into_split();
@@ -432,7 +459,9 @@ async fn slow_byte(o: &Opts, r: &mut Report) {
     println!("slow-byte: one byte every 5 s before login, on each protocol at once, for up to {cap:?} ({})", load());
     let tasks: Vec<_> = [("imap", ports.imap), ("pop3", ports.pop3), ("smtp", ports.smtp)]
         .into_iter()
-        .map(|(p, port)| tokio::spawn(async move { (p, slow_client(None, port, p, Duration::from_secs(5), cap).await) }))
+        .map(|(p, port)| {
+            tokio::spawn(async move { (p, slow_client(None, port, p, Duration::from_secs(5), cap).await) })
+        })
         .collect();
     let mut results = Vec::new();
     for t in tasks {
@@ -459,8 +488,12 @@ async fn slowloris(o: &Opts, r: &mut Report) {
         load()
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let (holding, max_holding, reconnects, refused) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (holding, max_holding, reconnects, refused) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let mut tasks = Vec::new();
     for i in 0..attackers {
         let (stop, holding, max_holding, reconnects, refused) =
@@ -510,7 +543,18 @@ async fn slowloris(o: &Opts, r: &mut Report) {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Probe the steady state: once the attackers hold all they can get
+    // (their count stops growing for 2 s), or after 20 s.
+    let ramp = Instant::now();
+    let (mut last, mut still_since) = (0, Instant::now());
+    while ramp.elapsed() < Duration::from_secs(20) && still_since.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = holding.load(Ordering::SeqCst);
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        }
+    }
+    let ramp_secs = ramp.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut probes = Tally::default();
     let (mut streak, mut longest, mut refused_secs) = (None::<Instant>, 0.0f64, 0usize);
@@ -541,7 +585,7 @@ async fn slowloris(o: &Opts, r: &mut Report) {
     r.row(
         "1,000 such clients from 20 addresses at 200 B/s",
         format!(
-            "legitimate client not logged in on {refused_secs} of {} probes (1/s) over {} s, longest run without a login {longest:.0} s; probes: {probes}; attackers held up to {} connections ({held_at_end} at the end), reconnected {} times, turned away {} times; proxy RSS {}",
+            "legitimate client not logged in on {refused_secs} of {} probes (1/s) over {} s, longest run without a login {longest:.0} s; probes: {probes}; attackers (in place after {ramp_secs:.0} s) held up to {} connections ({held_at_end} at the end), reconnected {} times, turned away {} times; proxy RSS {}",
             probes.total(),
             duration.as_secs(),
             max_holding.load(Ordering::SeqCst),
@@ -628,7 +672,10 @@ async fn guessing(o: &Opts, r: &mut Report) {
                     match c.line(Duration::from_secs(10)).await {
                         Ok(g) if g.starts_with("* OK") => {}
                         Ok(g) => {
-                            answers.lock().unwrap().add(format!("greeting `{}`", g.chars().take(50).collect::<String>()));
+                            answers
+                                .lock()
+                                .unwrap()
+                                .add(format!("greeting `{}`", g.chars().take(50).collect::<String>()));
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         }
@@ -803,7 +850,10 @@ async fn fd_limit(o: &Opts, r: &mut Report) {
     launch.nofile = Some(limit);
     let mut proxy = ProxyProcess::spawn(&config, &launch);
     proxy.wait_listening(ports.imap);
-    println!("fd-limit: proxy with a soft descriptor limit of {limit}, {sessions} IMAP sessions opened and held ({})", load());
+    println!(
+        "fd-limit: proxy with a soft descriptor limit of {limit}, {sessions} IMAP sessions opened and held ({})",
+        load()
+    );
     let tally = Arc::new(Mutex::new(Tally::default()));
     let held = Arc::new(Mutex::new(Vec::new()));
     let tasks: Vec<_> = (0..lanes)
@@ -811,9 +861,14 @@ async fn fd_limit(o: &Opts, r: &mut Report) {
             let (tally, held) = (tally.clone(), held.clone());
             tokio::spawn(async move {
                 for i in (lane..sessions).step_by(lanes) {
-                    let login =
-                        imap_login(Some(source(lane, 20)), ports.imap, &format!("user{i}"), &password(i), Duration::from_secs(30))
-                            .await;
+                    let login = imap_login(
+                        Some(source(lane, 20)),
+                        ports.imap,
+                        &format!("user{i}"),
+                        &password(i),
+                        Duration::from_secs(10),
+                    )
+                    .await;
                     tally.lock().unwrap().add(login.label());
                     held.lock().unwrap().push(login);
                 }
@@ -829,9 +884,10 @@ async fn fd_limit(o: &Opts, r: &mut Report) {
     r.row(
         "soft descriptor limit 1024 (systemd's default), 600 sessions",
         format!(
-            "{served} served, {} refused; answers: {tally}; proxy log: {} `upstream unavailable` lines; proxy holds {fds} descriptors",
+            "{served} served, {} refused; answers: {tally}; proxy log: {} `upstream unavailable`, {} `accept failed` lines; proxy holds {fds} descriptors",
             tally.total() - served,
-            proxy.log.count("upstream unavailable")
+            proxy.log.count("upstream unavailable"),
+            proxy.log.count("accept failed")
         ),
     );
     drop(held);
@@ -883,8 +939,15 @@ fn main() {
         }
         if args.wants("cold-burst") {
             let after = o.pick(30, 10);
-            first_logins(&o, &mut r, "600 clients arriving at once on a cold cache (600 accounts)", 600, 600, Some(after))
-                .await;
+            first_logins(
+                &o,
+                &mut r,
+                "600 clients arriving at once on a cold cache (600 accounts)",
+                600,
+                600,
+                Some(after),
+            )
+            .await;
         }
         if args.wants("hup-storm") {
             hup_storm(&o, &mut r).await;

@@ -165,14 +165,10 @@ pub fn load() -> String {
 /// proxy probe its upstream and warm its caches).
 pub fn listening(port: u16) -> bool {
     let want = format!("0100007F:{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == want && f[3] == "0A"
-        })
+    std::fs::read_to_string("/proc/net/tcp").unwrap_or_default().lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1] == want && f[3] == "0A"
+    })
 }
 
 /// This process's soft descriptor limit. (std has no setrlimit and the crate
@@ -260,7 +256,10 @@ impl ProxyProcess {
         let mut cmd = match launch.nofile {
             Some(limit) => {
                 let mut c = Command::new("bash");
-                c.arg("-c").arg(format!("ulimit -Sn {limit} && exec \"$0\" run -c \"$1\"")).arg(proxy_bin()).arg(config);
+                c.arg("-c")
+                    .arg(format!("ulimit -Sn {limit} && exec \"$0\" run -c \"$1\""))
+                    .arg(proxy_bin())
+                    .arg(config);
                 c
             }
             None => {
