@@ -20,6 +20,9 @@
 //! from memory, APPEND discarded) and the clients run in this process.
 //! Units: MB = 10^6 bytes, GB = 10^9 bytes, KiB = 1024 bytes.
 
+// A benchmark that cannot measure must stop at once and loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -476,7 +479,7 @@ fn main() {
     let args = Args::parse();
     let sessions: usize = args.num("sessions", 3000);
     let fetch_mib: usize = args.num("fetch-mib", 100);
-    let rounds: usize = args.num("rounds", 3);
+    let rounds: usize = args.num("rounds", 5);
     let login_count: usize = args.num("logins", 500);
     let burst_n: usize = args.num("burst", 1000);
     let burst_runs: usize = args.num("burst-runs", 2);

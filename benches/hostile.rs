@@ -27,6 +27,9 @@
 //! second opinion). The proxy is killed if its RSS passes `--rss-cap-mib`
 //! (default 6144): the machine is shared.
 
+// A benchmark that cannot measure must stop at once and loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
