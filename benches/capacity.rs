@@ -10,7 +10,9 @@
 //! and APPEND of `--fetch-mib` MiB: proxy CPU per GB each way, MB/s through
 //! the proxy and direct), `login` (proxy CPU per sequential login with a
 //! cached token and a cached verification), `burst` (`--burst` simultaneous
-//! connects and logins on one listener, on a freshly started proxy).
+//! connects and logins on one listener, on a freshly started proxy), and,
+//! only when named, `dovecot` (FETCH from a private Dovecot started here, on
+//! a free port in a temporary directory; needs the dovecot-imapd package).
 //!
 //! The proxy is `$XOAUTH2_BENCH_BIN` or the binary cargo builds for this
 //! bench (the bench profile is the release profile), run as its own process:
@@ -105,8 +107,12 @@ type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Logged in straight to the upstream: TLS, `AUTHENTICATE XOAUTH2` (SASL-IR).
 async fn direct_login(w: &World) -> Lines<Tls> {
+    direct_login_to(w, w.upstream.addr()).await
+}
+
+async fn direct_login_to(w: &World, addr: std::net::SocketAddr) -> Lines<Tls> {
     use base64::Engine;
-    let tcp = connect_from(None, w.upstream.addr()).await.unwrap();
+    let tcp = connect_from(None, addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(w.pki.client_config()).connect(tls_name(), tcp).await.unwrap();
     let mut c = Lines::new(tls);
     c.line(STEP).await.unwrap();
@@ -118,10 +124,10 @@ async fn direct_login(w: &World) -> Lines<Tls> {
     c
 }
 
-/// `FETCH 1 BODY[]`: literal bytes received and seconds from command to OK.
+/// `FETCH 1 BODY.PEEK[]` (no \\Seen flag update from a real server): literal bytes received and seconds from command to OK.
 async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Lines<S>) -> (usize, f64) {
     let started = Instant::now();
-    c.send("f FETCH 1 BODY[]\r\n").await;
+    c.send("f FETCH 1 BODY.PEEK[]\r\n").await;
     let head = c.line(STEP).await.unwrap();
     let len: usize = head
         .rsplit_once('{')
@@ -470,6 +476,121 @@ async fn burst(w: &World, n: usize, runs: usize, hashed: bool, run: &mut Run) {
     }
 }
 
+/// FETCH of the same message from a private Dovecot (opt-in: `dovecot`;
+/// needs the dovecot-imapd package), direct and through the proxy. Dovecot
+/// accepts any XOAUTH2 token here (a static passdb with `nopassword`): the
+/// login is not what is measured, the bytes are.
+async fn dovecot(w: &World, rounds: usize, run: &mut Run) {
+    if std::process::Command::new("dovecot").arg("--version").output().is_err() {
+        println!("dovecot: not installed (apt-get install dovecot-imapd); skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let port = free_port();
+    let conf = root.join("dovecot.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "instance_name = xoauth2-bench-{port}\nbase_dir = {root}/run\nstate_dir = {root}/state\nlog_path = {root}/dovecot.log\n\
+             protocols = imap\nlisten = 127.0.0.1\nssl = required\nssl_cert = <{cert}\nssl_key = <{key}\n\
+             auth_mechanisms = xoauth2\nauth_failure_delay = 0\n\
+             passdb {{\n  driver = static\n  args = nopassword=y\n}}\n\
+             userdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={root}/mail/%u\n}}\n\
+             mail_location = maildir:{root}/mail/%u\n\
+             service imap-login {{\n  inet_listener imap {{\n    port = 0\n  }}\n  inet_listener imaps {{\n    port = {port}\n    ssl = yes\n  }}\n}}\n",
+            root = root.display(),
+            cert = w.pki.cert_path().display(),
+            key = w.pki.key_path().display(),
+        ),
+    )
+    .unwrap();
+    // The message, straight into the maildir (as delivered mail would be).
+    let new = root.join("mail/bench@example.com/new");
+    std::fs::create_dir_all(&new).unwrap();
+    std::fs::create_dir_all(root.join("mail/bench@example.com/cur")).unwrap();
+    std::fs::create_dir_all(root.join("mail/bench@example.com/tmp")).unwrap();
+    let mut message = b"From: bench@example.com\r\nTo: bench@example.com\r\nSubject: big\r\n\r\n".to_vec();
+    let line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod te\r\n";
+    message.extend(line.iter().copied().cycle().take(w.message_len));
+    std::fs::write(new.join("1700000000.M1P1.bench"), &message).unwrap();
+    let chown = format!("chown -R nobody:nogroup {}", root.join("mail").display());
+    std::process::Command::new("bash").args(["-c", &chown]).status().unwrap();
+    let mut server = std::process::Command::new("dovecot").arg("-F").arg("-c").arg(&conf).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listening(port) {
+        assert!(Instant::now() < deadline, "Dovecot does not listen; see {}/dovecot.log", root.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let proxy_port = free_port();
+    let listener = Listener {
+        name: "imap",
+        protocol: "imap",
+        port: proxy_port,
+        upstream_port: port,
+        extra: vec!["max_connections_per_ip: 100000".into()],
+    };
+    let account =
+        AccountSpec { username: USER.into(), pass: Pass::Plain(PASSWORD.into()), mailbox: "bench@example.com".into() };
+    let config = write_config(
+        root,
+        &[listener],
+        &w.pki.ca_path(),
+        &w.token.authority(),
+        &[account],
+        &["log: {level: error}".into()],
+    );
+    let mut proxy = ProxyProcess::spawn(&config, &Launch::default());
+    proxy.wait_listening(proxy_port);
+    println!(
+        "dovecot: {rounds} interleaved rounds of FETCH of {} bytes from Dovecot, direct and proxied ({})",
+        message.len(),
+        load()
+    );
+    let (mut direct, mut proxied, mut cpu, mut bytes) = (Vec::new(), Vec::new(), 0.0, 0usize);
+    for round in 0..rounds {
+        let mut d = direct_login_to(w, local(port)).await;
+        d.send("s SELECT INBOX\r\n").await;
+        d.until("s OK", STEP).await.unwrap();
+        let (n, secs) = fetch(&mut d).await;
+        direct.push(mbps(n, secs));
+        drop(d);
+        let mut p = proxied_login(proxy_port).await.unwrap();
+        p.send("s SELECT INBOX\r\n").await;
+        p.until("s OK", STEP).await.unwrap();
+        let before = proxy.cpu_secs();
+        let (n, secs) = fetch(&mut p).await;
+        cpu += proxy.cpu_secs() - before;
+        bytes += n;
+        proxied.push(mbps(n, secs));
+        drop(p);
+        println!(
+            "  round {}: direct {:.0} MB/s, proxied {:.0} MB/s ({})",
+            round + 1,
+            direct[round],
+            proxied[round],
+            load()
+        );
+    }
+    proxy.stop();
+    let _ = std::process::Command::new("bash").args(["-c", &format!("kill -TERM {}", server.id())]).status();
+    let _ = server.wait();
+    let mib_label = w.message_len as f64 / (1024.0 * 1024.0);
+    run.table.row(vec![
+        format!("proxy CPU per GB spliced, IMAP FETCH {mib_label:.0} MiB from Dovecot"),
+        format!("{:.2} s", cpu / (bytes as f64 / 1e9)),
+        "-".into(),
+        format!("{rounds} rounds, {cpu:.2} s CPU in all"),
+    ]);
+    let (d, p) = (median(direct), median(proxied));
+    run.table.row(vec![
+        format!("FETCH {mib_label:.0} MiB from Dovecot, MB/s (median of {rounds})"),
+        format!("{p:.0} MB/s"),
+        format!("direct {d:.0} MB/s"),
+        format!("{:.2}", p / d),
+    ]);
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("--bare-tls-server") {
@@ -520,6 +641,10 @@ fn main() {
         }
         if args.wants("burst") {
             burst(&w, burst_n, burst_runs, burst_hashed, &mut run).await;
+        }
+        // Opt-in: it needs Dovecot installed.
+        if args.names.iter().any(|n| n == "dovecot") {
+            dovecot(&w, rounds, &mut run).await;
         }
         println!();
         println!("{}, {} cores; command: {}", load(), num_cpus(), args.command("capacity"));
