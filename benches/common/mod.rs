@@ -160,6 +160,18 @@ pub fn load() -> String {
     format!("load {}", parts.join(" "))
 }
 
+/// The kernel's TcpExt counters (/proc/net/netstat) named, e.g.
+/// `ListenOverflows` (a full accept queue dropped a connection's final ACK)
+/// and `ListenDrops`. They count for the whole network namespace: other
+/// programs on loopback add to them, rarely.
+pub fn tcp_counter(name: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let [names, values] = lines[..] else { return 0 };
+    let at = names.split_whitespace().position(|n| n == name);
+    at.and_then(|i| values.split_whitespace().nth(i)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 /// Whether something listens on 127.0.0.1:`port`, from /proc/net/tcp, so
 /// readiness is known without opening a connection (which would make the
 /// proxy probe its upstream and warm its caches).
