@@ -259,7 +259,7 @@ async fn simultaneous(n: usize, port: u16, creds: impl Fn(usize) -> (String, Str
 /// The proxy's RSS, or why there is none.
 fn rss_or_gone(proxy: &ProxyProcess) -> String {
     if proxy.killed_for_memory() {
-        "n/a (killed)".into()
+        "n/a".into()
     } else {
         mib(proxy.rss_kib())
     }
