@@ -125,24 +125,24 @@ async fn direct_login_to(w: &World, addr: std::net::SocketAddr) -> Lines<Tls> {
 }
 
 /// `FETCH 1 BODY.PEEK[]` (no \\Seen flag update from a real server): literal bytes received and seconds from command to OK.
-async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Lines<S>) -> (usize, f64) {
+async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Lines<S>, path: &str) -> (usize, f64) {
     let started = Instant::now();
     c.send("f FETCH 1 BODY.PEEK[]\r\n").await;
-    let head = c.line(STEP).await.unwrap();
+    let head = c.line(STEP).await.unwrap_or_else(|e| panic!("{path} FETCH: no response ({e:?})"));
     let len: usize = head
         .rsplit_once('{')
         .and_then(|(_, n)| n.trim_end_matches('}').parse().ok())
         .unwrap_or_else(|| panic!("no literal in {head:?}"));
-    c.discard(len, STEP * 4).await.unwrap();
-    let ok = c.until("f ", STEP).await.unwrap();
+    c.discard(len, STEP * 4).await.unwrap_or_else(|e| panic!("{path} FETCH: literal cut short ({e:?})"));
+    let ok = c.until("f ", STEP).await.unwrap_or_else(|e| panic!("{path} FETCH: no OK after the literal ({e:?})"));
     assert!(ok.starts_with("f OK"), "{ok}");
     (len, started.elapsed().as_secs_f64())
 }
 
 /// `APPEND` of `len` bytes: seconds from the literal's first byte to OK.
-async fn append<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Lines<S>, len: usize) -> f64 {
+async fn append<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Lines<S>, len: usize, path: &str) -> f64 {
     c.send(format!("p APPEND INBOX {{{len}}}\r\n")).await;
-    let go = c.line(STEP).await.unwrap();
+    let go = c.line(STEP).await.unwrap_or_else(|e| panic!("{path} APPEND: no continuation ({e:?})"));
     assert!(go.starts_with('+'), "{go}");
     let chunk = vec![b'x'; 256 * 1024];
     let started = Instant::now();
@@ -153,7 +153,8 @@ async fn append<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Lines<S>, len: usize)
         left -= n;
     }
     c.s.write_all(b"\r\n").await.unwrap();
-    let ok = c.until("p ", STEP * 4).await.unwrap();
+    // A timeout here means bytes were lost or held on the way: say which path.
+    let ok = c.until("p ", STEP * 4).await.unwrap_or_else(|e| panic!("{path} APPEND: no OK after the literal ({e:?})"));
     assert!(ok.starts_with("p OK"), "{ok}");
     started.elapsed().as_secs_f64()
 }
@@ -316,20 +317,20 @@ async fn bulk(w: &World, proxy: &ProxyProcess, port: u16, rounds: usize, run: &m
     let (mut down_cpu, mut down_bytes, mut up_cpu, mut up_bytes) = (0.0, 0usize, 0.0, 0usize);
     for round in 0..rounds {
         let mut d = direct_login(w).await;
-        let (n, secs) = fetch(&mut d).await;
+        let (n, secs) = fetch(&mut d, "direct").await;
         fetch_direct.push(mbps(n, secs));
-        let secs = append(&mut d, len).await;
+        let secs = append(&mut d, len, "direct").await;
         append_direct.push(mbps(len, secs));
         drop(d);
 
         let mut p = proxied_login(port).await.unwrap();
         let cpu = proxy.cpu_secs();
-        let (n, secs) = fetch(&mut p).await;
+        let (n, secs) = fetch(&mut p, "proxied").await;
         down_cpu += proxy.cpu_secs() - cpu;
         down_bytes += n;
         fetch_proxy.push(mbps(n, secs));
         let cpu = proxy.cpu_secs();
-        let secs = append(&mut p, len).await;
+        let secs = append(&mut p, len, "proxied").await;
         up_cpu += proxy.cpu_secs() - cpu;
         up_bytes += len;
         append_proxy.push(mbps(len, secs));
@@ -561,14 +562,14 @@ async fn dovecot(w: &World, rounds: usize, run: &mut Run) {
         let mut d = direct_login_to(w, local(port)).await;
         d.send("s SELECT INBOX\r\n").await;
         d.until("s OK", STEP).await.unwrap();
-        let (n, secs) = fetch(&mut d).await;
+        let (n, secs) = fetch(&mut d, "direct (Dovecot)").await;
         direct.push(mbps(n, secs));
         drop(d);
         let mut p = proxied_login(proxy_port).await.unwrap();
         p.send("s SELECT INBOX\r\n").await;
         p.until("s OK", STEP).await.unwrap();
         let before = proxy.cpu_secs();
-        let (n, secs) = fetch(&mut p).await;
+        let (n, secs) = fetch(&mut p, "proxied (Dovecot)").await;
         cpu += proxy.cpu_secs() - before;
         bytes += n;
         proxied.push(mbps(n, secs));
