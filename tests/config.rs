@@ -35,7 +35,9 @@ fn the_example_config_parses_with_its_documented_defaults() {
     assert_eq!(smtp.limits.max_line_length, 8192);
     assert_eq!((smtp.limits.max_connections, smtp.limits.max_connections_per_ip), (1000, 50));
     assert!(smtp.allow_from.is_empty());
-    assert_eq!(config.max_sessions_per_mailbox, 10);
+    // Exchange Online's limits per mailbox: SMTP AUTH 3, IMAP 20, POP3 20.
+    assert_eq!(config.session_caps, xoauth2_proxy::config::SessionCaps { smtp: 3, imap: 20, pop3: 20 });
+    assert_eq!((smtp.max_sessions_per_mailbox, config.session_wait.as_secs()), (3, 20));
     assert_eq!(config.login_throttle.free_failures, 3);
     assert_eq!(config.login_throttle.max_delay.as_secs(), 30);
     let imap = &config.listeners[1];

@@ -57,6 +57,12 @@ fn logins(l: &ListenerConfig) -> String {
     let why = if l.bind.ip().is_loopback() { "loopback bind" } else { "allow_plaintext_auth: true" };
     match (l.local_tls, l.plaintext_allowed, l.require_tls) {
         (LocalTls::Implicit, _, _) => "logins over TLS".to_string(),
+        (LocalTls::Auto, _, _) if !l.plaintext_allowed || l.require_tls => {
+            "implicit TLS or STARTTLS on one port, logins over TLS only".to_string()
+        }
+        (LocalTls::Auto, _, _) => {
+            format!("implicit TLS, STARTTLS or plain text on one port, by the client's first byte ({why})")
+        }
         (LocalTls::Starttls, _, true) => "logins after STARTTLS only (require_tls: true)".to_string(),
         (LocalTls::Starttls, false, _) => "logins after STARTTLS only (not a loopback bind)".to_string(),
         (LocalTls::Starttls, true, false) => format!("logins with or without STARTTLS ({why})"),

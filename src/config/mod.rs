@@ -34,8 +34,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Run (by `/bin/sh -c`) when an account needs `xoauth2-proxy login` again.
     pub on_reauth_required: Option<String>,
-    /// Upstream sessions (logins in progress and spliced) per mailbox, across listeners.
-    pub max_sessions_per_mailbox: usize,
+    /// Upstream sessions (logins in progress and spliced) per mailbox and protocol.
+    pub session_caps: SessionCaps,
+    /// How long a login over a mailbox's cap waits for a slot.
+    pub session_wait: Duration,
     pub login_throttle: LoginThrottle,
     pub password_verification: PasswordVerification,
     /// Things that are allowed but deserve the admin's attention.
@@ -56,6 +58,14 @@ pub struct ListenerConfig {
     pub plaintext_allowed: bool,
     /// Client addresses allowed to connect; empty means everyone.
     pub allow_from: Vec<cidr::Cidr>,
+    /// Upstream sessions per mailbox for this listener's protocol (the
+    /// listener's own setting, or the top-level one).
+    pub max_sessions_per_mailbox: usize,
+    /// How long a login over that cap waits for a place.
+    pub session_wait: Duration,
+    /// Add the `AUTH=PLAIN LOGIN` line of pre-RFC 4954 clients to EHLO (Postfix's
+    /// `broken_sasl_auth_clients`).
+    pub broken_sasl_auth_clients: bool,
     pub limits: Limits,
 }
 
@@ -111,7 +121,33 @@ impl Default for LoginThrottle {
     }
 }
 
-pub const DEFAULT_MAX_SESSIONS_PER_MAILBOX: usize = 10;
+/// Upstream sessions per mailbox, per protocol, across the listeners of that
+/// protocol. The defaults are Exchange Online's published limits: SMTP AUTH
+/// client submission allows 3 concurrent connections per mailbox ("432 4.3.2
+/// Concurrent connections limit exceeded"); IMAP4 and POP3 allow 20 each
+/// (Exchange Online limits: "Receiving and sending limits", "IMAP4 and POP3
+/// limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCaps {
+    pub smtp: usize,
+    pub imap: usize,
+    pub pop3: usize,
+}
+
+impl SessionCaps {
+    pub const EXCHANGE: SessionCaps = SessionCaps { smtp: 3, imap: 20, pop3: 20 };
+
+    pub fn for_protocol(&self, protocol: Protocol) -> usize {
+        match protocol {
+            Protocol::Smtp => self.smtp,
+            Protocol::Imap => self.imap,
+            Protocol::Pop3 => self.pop3,
+        }
+    }
+}
+
+/// Well under the 30-60 s clients usually wait for an answer.
+pub const DEFAULT_SESSION_WAIT: Duration = Duration::from_secs(20);
 
 /// How the argon2 verification pool is sized (`password_verification`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -29,11 +29,32 @@ pub struct RawConfig {
     #[serde(default)]
     pub on_reauth_required: Option<String>,
     #[serde(default)]
-    pub max_sessions_per_mailbox: Option<usize>,
+    pub max_sessions_per_mailbox: Option<RawSessionCaps>,
+    #[serde(default)]
+    pub session_wait: Option<HumanDuration>,
     #[serde(default)]
     pub login_throttle: Option<RawLoginThrottle>,
     #[serde(default)]
     pub password_verification: Option<RawPasswordVerification>,
+}
+
+/// Upstream sessions per mailbox: one number for every protocol, or one per protocol.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSessionCaps {
+    All(usize),
+    PerProtocol(RawProtocolCaps),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProtocolCaps {
+    #[serde(default)]
+    pub smtp: Option<usize>,
+    #[serde(default)]
+    pub imap: Option<usize>,
+    #[serde(default)]
+    pub pop3: Option<usize>,
 }
 
 /// The pool that runs argon2 verifications.
@@ -97,6 +118,12 @@ pub struct RawListener {
     pub max_connections_per_ip: Option<usize>,
     #[serde(default)]
     pub allow_from: Option<Vec<String>>,
+    #[serde(default)]
+    pub max_sessions_per_mailbox: Option<usize>,
+    #[serde(default)]
+    pub session_wait: Option<HumanDuration>,
+    #[serde(default)]
+    pub broken_sasl_auth_clients: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -105,6 +132,8 @@ pub enum LocalTls {
     None,
     Starttls,
     Implicit,
+    /// Implicit TLS or plain text/STARTTLS on one port, by the client's first byte.
+    Auto,
 }
 
 impl LocalTls {
@@ -114,6 +143,7 @@ impl LocalTls {
             LocalTls::None => "none",
             LocalTls::Starttls => "starttls",
             LocalTls::Implicit => "implicit",
+            LocalTls::Auto => "auto",
         }
     }
 }

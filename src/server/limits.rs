@@ -2,7 +2,8 @@
 //! upstream sessions per mailbox, and growing delays after failed logins.
 
 use crate::config::LoginThrottle;
-use std::collections::HashMap;
+use crate::protocol::Protocol;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -95,36 +96,122 @@ impl ConnectionLimiter {
     }
 }
 
-/// Upstream sessions per mailbox, across listeners: Exchange throttles a
-/// mailbox with too many concurrent connections.
-#[derive(Debug)]
+/// Upstream sessions per mailbox and protocol, across the listeners of that
+/// protocol: Exchange refuses a mailbox's sessions beyond its own limits. A
+/// login over the cap waits for a place, first come first served, instead of
+/// being refused.
+#[derive(Debug, Default)]
 pub struct MailboxLimiter {
-    max: usize,
-    counts: Arc<Counter<String>>,
+    slots: Arc<Mutex<HashMap<(Protocol, String), Slots>>>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    open: usize,
+    waiting: VecDeque<Waiter>,
 }
 
 #[derive(Debug)]
+struct Waiter {
+    id: u64,
+    cap: usize,
+    wake: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Holds one upstream session's place until dropped.
+#[derive(Debug)]
 pub struct MailboxGuard {
-    mailbox: String,
-    counts: Arc<Counter<String>>,
+    key: (Protocol, String),
+    slots: Arc<Mutex<HashMap<(Protocol, String), Slots>>>,
 }
 
 impl Drop for MailboxGuard {
     fn drop(&mut self) {
-        self.counts.give_back(&self.mailbox);
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = slots.get_mut(&self.key) {
+            entry.open = entry.open.saturating_sub(1);
+            // Hand the place to the first waiter still waiting that it fits.
+            while let Some(first) = entry.waiting.front() {
+                if entry.open >= first.cap {
+                    break;
+                }
+                let Some(first) = entry.waiting.pop_front() else { break };
+                if first.wake.send(()).is_ok() {
+                    entry.open += 1;
+                    break;
+                }
+            }
+            if entry.open == 0 && entry.waiting.is_empty() {
+                slots.remove(&self.key);
+            }
+        }
     }
 }
+
+/// The wait for a place ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxBusy;
 
 impl MailboxLimiter {
-    pub fn new(max: usize) -> Self {
-        MailboxLimiter { max, counts: Arc::new(Counter::new()) }
+    pub fn new() -> Self {
+        MailboxLimiter::default()
     }
 
-    pub fn try_acquire(&self, mailbox: &str) -> Option<MailboxGuard> {
-        let mailbox = mailbox.to_lowercase();
-        self.counts.try_take(&mailbox, self.max).then(|| MailboxGuard { mailbox, counts: self.counts.clone() })
+    /// A place among `cap` upstream sessions of `mailbox` for `protocol`,
+    /// waiting up to `wait` behind earlier waiters. Returns the guard and
+    /// how long it waited.
+    pub async fn acquire(
+        &self,
+        protocol: Protocol,
+        mailbox: &str,
+        cap: usize,
+        wait: Duration,
+    ) -> Result<(MailboxGuard, Duration), MailboxBusy> {
+        let key = (protocol, mailbox.to_lowercase());
+        let guard = || MailboxGuard { key: key.clone(), slots: self.slots.clone() };
+        let started = Instant::now();
+        let (id, woken) = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = slots.entry(key.clone()).or_default();
+            if entry.waiting.is_empty() && entry.open < cap {
+                entry.open += 1;
+                return Ok((guard(), Duration::ZERO));
+            }
+            let id = NEXT_WAITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (wake, woken) = tokio::sync::oneshot::channel();
+            entry.waiting.push_back(Waiter { id, cap, wake });
+            (id, woken)
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(wait, woken).await {
+            return Ok((guard(), started.elapsed()));
+        }
+        // Timed out (or cancelled): leave the queue, unless a place was handed
+        // over at the last moment, which is then this attempt's.
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = slots.get_mut(&key) else { return Err(MailboxBusy) };
+        match entry.waiting.iter().position(|w| w.id == id) {
+            Some(at) => {
+                entry.waiting.remove(at);
+                if entry.open == 0 && entry.waiting.is_empty() {
+                    slots.remove(&key);
+                }
+                Err(MailboxBusy)
+            }
+            None => {
+                drop(slots);
+                Ok((guard(), started.elapsed()))
+            }
+        }
+    }
+
+    /// Upstream sessions open now for `mailbox` and `protocol`.
+    pub fn open(&self, protocol: Protocol, mailbox: &str) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.get(&(protocol, mailbox.to_lowercase())).map_or(0, |e| e.open)
     }
 }
+
+static NEXT_WAITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[derive(Debug)]
 struct Record {
@@ -304,15 +391,50 @@ mod tests {
         let _g4 = limiter.try_admit(b).unwrap();
     }
 
-    #[test]
-    fn mailbox_cap_ignores_case() {
-        let limiter = MailboxLimiter::new(2);
-        let g1 = limiter.try_acquire("Scanner@Contoso.com").unwrap();
-        let _g2 = limiter.try_acquire("scanner@contoso.com").unwrap();
-        assert!(limiter.try_acquire("SCANNER@contoso.com").is_none());
-        assert!(limiter.try_acquire("other@contoso.com").is_some());
+    #[tokio::test(start_paused = true)]
+    async fn mailbox_caps_are_per_protocol_ignore_case_and_wait_in_order() {
+        let limiter = MailboxLimiter::new();
+        let wait = Duration::from_secs(20);
+        let (g1, _) = limiter.acquire(Protocol::Smtp, "Scanner@Contoso.com", 2, wait).await.unwrap();
+        let (_g2, _) = limiter.acquire(Protocol::Smtp, "scanner@contoso.com", 2, wait).await.unwrap();
+        // Another protocol, or another mailbox, has its own places.
+        let (_imap, waited) = limiter.acquire(Protocol::Imap, "scanner@contoso.com", 2, wait).await.unwrap();
+        assert_eq!(waited, Duration::ZERO);
+        assert!(limiter.acquire(Protocol::Smtp, "other@contoso.com", 2, wait).await.is_ok());
+        // Over the cap: wait, first come first served.
+        let l = Arc::new(limiter);
+        let waiters: Vec<_> = (0..3)
+            .map(|i| {
+                let l = l.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(i)).await;
+                    let (guard, waited) = l.acquire(Protocol::Smtp, "SCANNER@contoso.com", 2, wait).await.unwrap();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    drop(guard);
+                    (i, waited.as_secs_f64().round() as u64)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(l.open(Protocol::Smtp, "scanner@contoso.com"), 2);
         drop(g1);
-        assert!(limiter.try_acquire("scanner@contoso.com").is_some());
+        let mut got = Vec::new();
+        for w in waiters {
+            got.push(w.await.unwrap());
+        }
+        // The first waiter gets g1's place after 1 s; the next ones each a
+        // place freed 5 s later; never more than 2 open.
+        assert_eq!(got, [(0, 1), (1, 6), (2, 11)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_runs_out_and_leaves_no_trace() {
+        let limiter = MailboxLimiter::new();
+        let (g, _) = limiter.acquire(Protocol::Pop3, "m", 1, Duration::ZERO).await.unwrap();
+        assert_eq!(limiter.acquire(Protocol::Pop3, "m", 1, Duration::from_secs(3)).await.unwrap_err(), MailboxBusy);
+        drop(g);
+        assert_eq!(limiter.open(Protocol::Pop3, "m"), 0);
+        assert!(limiter.slots.lock().unwrap().is_empty());
     }
 
     fn throttler() -> LoginThrottler {

@@ -46,7 +46,8 @@ impl Shared {
 
 /// The server certificate for local TLS, replaceable while running.
 pub struct LocalTls {
-    implicit: bool,
+    /// Implicit, STARTTLS or auto (never none: then there is no `LocalTls`).
+    mode: LocalTlsMode,
     config: Arc<RwLock<Arc<ServerConfig>>>,
 }
 
@@ -108,7 +109,7 @@ impl Proxy {
             tokens,
             verifier,
             throttle: LoginThrottler::new(config.login_throttle.clone()),
-            mailboxes: MailboxLimiter::new(config.max_sessions_per_mailbox),
+            mailboxes: MailboxLimiter::new(),
         });
         let needs_tls = config.listeners.iter().any(|l| l.local_tls != LocalTlsMode::None);
         let server_tls = match (&config.tls, needs_tls) {
@@ -126,9 +127,7 @@ impl Proxy {
                 .map_err(|source| StartError::Listener { listener: l.name.clone(), source })?;
             let local_tls = match (l.local_tls, &server_tls) {
                 (LocalTlsMode::None, _) | (_, None) => None,
-                (mode, Some(config)) => {
-                    Some(LocalTls { implicit: mode == LocalTlsMode::Implicit, config: config.clone() })
-                }
+                (mode, Some(config)) => Some(LocalTls { mode, config: config.clone() }),
             };
             let ctx = ListenerCtx {
                 config: l.clone(),
@@ -321,7 +320,7 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
 /// Tells a client turned away at accept why, then hangs up. (On an
 /// implicit-TLS listener there is no way to say it in the clear.)
 async fn turn_away(ctx: Arc<ListenerCtx>, mut tcp: TcpStream, failure: Failure) {
-    if ctx.local_tls.as_ref().is_some_and(|t| t.implicit) {
+    if ctx.local_tls.as_ref().is_some_and(|t| t.mode == LocalTlsMode::Implicit) {
         return;
     }
     let reply = crate::protocol::reply::for_protocol(ctx.config.protocol, failure, None);

@@ -77,6 +77,11 @@ pub enum ExchangeFault {
     /// answer to too many concurrent connections for one mailbox
     /// (timeoff-management/timeoff-management-application#308).
     ThreadLimit,
+    /// SMTP: the mailbox already has the 3 concurrent SMTP AUTH connections
+    /// Exchange Online allows: `432 4.3.2 Concurrent connections limit
+    /// exceeded` in answer to the XOAUTH2 response (Microsoft, "Exchange
+    /// Online limits", SMTP AUTH client submission).
+    ConcurrentConnections,
     /// The token is refused with this XOAUTH2 error challenge (JSON, sent
     /// base64 in `+ ` / `334 `), then the protocol's failure.
     Challenge(String),
@@ -137,6 +142,7 @@ struct Shared {
     auth_attempts: AtomicUsize,
     connections: AtomicUsize,
     open: AtomicUsize,
+    max_open: AtomicUsize,
     ehlo_names: Mutex<Vec<String>>,
     echoed: AtomicU64,
     appended: AtomicU64,
@@ -170,6 +176,7 @@ impl FakeUpstream {
             auth_attempts: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
+            max_open: AtomicUsize::new(0),
             ehlo_names: Mutex::new(Vec::new()),
             echoed: AtomicU64::new(0),
             appended: AtomicU64::new(0),
@@ -203,6 +210,11 @@ impl FakeUpstream {
     /// Connections open right now.
     pub fn open_connections(&self) -> usize {
         self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// The most connections that were open at once.
+    pub fn max_open_connections(&self) -> usize {
+        self.shared.max_open.load(Ordering::SeqCst)
     }
 
     pub fn connections(&self) -> usize {
@@ -363,8 +375,11 @@ impl Shared {
             // These let the login through and refuse what follows it.
             Some(ExchangeFault::NotConnected) if self.opts.proto == Proto::Imap => {}
             Some(ExchangeFault::SendAsDenied | ExchangeFault::ThreadLimit) if self.opts.proto == Proto::Smtp => {}
-            Some(ExchangeFault::SmtpAuthDisabledTenant | ExchangeFault::SmtpAuthDisabledMailbox)
-                if self.opts.proto != Proto::Smtp => {}
+            Some(
+                ExchangeFault::SmtpAuthDisabledTenant
+                | ExchangeFault::SmtpAuthDisabledMailbox
+                | ExchangeFault::ConcurrentConnections,
+            ) if self.opts.proto != Proto::Smtp => {}
             Some(ExchangeFault::SendAsDenied | ExchangeFault::ThreadLimit) => {}
             Some(fault) => return Err(Verdict::Exchange(fault)),
             None => {}
@@ -397,7 +412,8 @@ impl Drop for Open {
 
 async fn connection(shared: Arc<Shared>, tcp: TcpStream) {
     shared.connections.fetch_add(1, Ordering::SeqCst);
-    shared.open.fetch_add(1, Ordering::SeqCst);
+    let open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.max_open.fetch_max(open, Ordering::SeqCst);
     let _open = Open(shared.clone());
     if shared.opts.stall == Some(Stall::Greeting) {
         Wire::new(tcp).stall().await;
@@ -652,6 +668,9 @@ async fn smtp_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                     }
                     Err(Verdict::Exchange(ExchangeFault::SmtpAuthDisabledTenant)) => {
                         w.send("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [MN2PR05CA0004.namprd05.prod.outlook.com 2023-09-12T20:59:57.214Z 08DBB276B7E699C4]\r\n").await?
+                    }
+                    Err(Verdict::Exchange(ExchangeFault::ConcurrentConnections)) => {
+                        w.send("432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information. [SN4PR0201CA0050.namprd02.prod.outlook.com]\r\n").await?
                     }
                     Err(Verdict::Exchange(ExchangeFault::SmtpAuthDisabledMailbox)) => {
                         w.send("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information. [MN2PR05CA0004.namprd05.prod.outlook.com 2023-09-12T20:59:57.214Z 08DBB276B7E699C4]\r\n").await?

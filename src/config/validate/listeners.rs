@@ -3,12 +3,19 @@
 use super::{parse_host_port, Ctx};
 use crate::config::cidr::Cidr;
 use crate::config::raw::{LocalTls, RawListener, UpstreamTls};
-use crate::config::{Limits, ListenerConfig};
+use crate::config::{Limits, ListenerConfig, SessionCaps};
 use crate::protocol::Protocol;
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
-pub(super) fn validate(raw: Vec<RawListener>, have_certificate: bool, cx: &mut Ctx) -> Vec<ListenerConfig> {
+pub(super) fn validate(
+    raw: Vec<RawListener>,
+    have_certificate: bool,
+    caps: SessionCaps,
+    session_wait: Duration,
+    cx: &mut Ctx,
+) -> Vec<ListenerConfig> {
     if raw.is_empty() {
         cx.add("listeners", "at least one listener is required");
     }
@@ -83,6 +90,15 @@ pub(super) fn validate(raw: Vec<RawListener>, have_certificate: bool, cx: &mut C
                 Err(e) => cx.add(format!("listeners[{i}].allow_from[{j}]"), e),
             }
         }
+        let max_sessions_per_mailbox = l.max_sessions_per_mailbox.unwrap_or(caps.for_protocol(l.protocol));
+        if max_sessions_per_mailbox == 0 {
+            cx.add(at("max_sessions_per_mailbox"), "must be at least 1");
+        }
+        let session_wait = l.session_wait.map_or(session_wait, |d| d.0);
+        let broken_sasl_auth_clients = l.broken_sasl_auth_clients.unwrap_or(false);
+        if broken_sasl_auth_clients && l.protocol != Protocol::Smtp {
+            cx.add(at("broken_sasl_auth_clients"), "applies to smtp listeners only");
+        }
         if l.allow_from.as_ref().is_some_and(|a| a.is_empty()) {
             cx.add(at("allow_from"), "an empty list would refuse every client; remove the key to allow all");
         }
@@ -97,6 +113,9 @@ pub(super) fn validate(raw: Vec<RawListener>, have_certificate: bool, cx: &mut C
                 require_tls,
                 plaintext_allowed,
                 allow_from,
+                max_sessions_per_mailbox,
+                session_wait,
+                broken_sasl_auth_clients,
                 limits,
             });
         }

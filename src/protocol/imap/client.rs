@@ -72,7 +72,7 @@ impl ResponseReader {
             let line = match self.framer.next_line(input) {
                 Ok(Some(line)) => line,
                 Ok(None) => return Ok(None),
-                Err(LineError::TooLong) => return Err(ResponseError::TooLong),
+                Err(LineError::TooLong | LineError::Endless) => return Err(ResponseError::TooLong),
             };
             self.pending.extend_from_slice(&line);
             if let Some(size) = trailing_literal(&line) {
