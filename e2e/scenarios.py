@@ -90,7 +90,7 @@ def scenario(name: str, phase: str = "main", default: bool = True, pending: str 
 
     def register(fn):
         SCENARIOS.append(Scenario(name, functools.partial(fn, **bound) if bound else fn, phase,
-                                  default and pending is None, pending))
+                                  default and (pending is None or pending in world.LANDED), pending))
         return fn
     return register
 

@@ -565,7 +565,12 @@ impl<P: Spec> Login<'_, P> {
                     return Err(Failure::AuthFailed);
                 }
                 Err(LoginError::Temporary(reason)) => {
-                    warn!(%reason, "upstream answered with a temporary failure");
+                    if reason.reply.contains("4.3.2") {
+                        // Other clients of the mailbox, outside this proxy, hold Exchange's places.
+                        warn!(mailbox = %account.mailbox, %reason, "upstream refused: the mailbox is at Exchange's concurrent connection limit");
+                    } else {
+                        warn!(%reason, "upstream answered with a temporary failure");
+                    }
                     return Err(Failure::Temporary);
                 }
                 Err(LoginError::Unavailable(e)) => {
