@@ -103,7 +103,7 @@ impl Proxy {
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
         let tokens = crate::token::manager_for(config, client_tls.clone())?;
         let accounts = Accounts::from_config(config);
-        let verifier = crate::verifier::Verifier::start(&config.password_verification, accounts.max_m_cost());
+        let verifier = crate::verifier::Verifier::start(&config.password_verification);
         let shared = Arc::new(Shared {
             accounts: RwLock::new(Arc::new(accounts)),
             tokens,
