@@ -305,13 +305,8 @@ impl LoginThrottler {
 
     async fn pass<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> Pass {
         let gate = {
-            let now = Instant::now();
             let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-            self.prune(&mut map, now);
-            let record = map.entry(key.clone()).or_insert_with(|| Record::new(now));
-            if now.duration_since(record.last) >= self.config.forget_after {
-                record.failures = 0;
-            }
+            let record = self.record(&mut map, key, Instant::now());
             if record.failures + record.in_flight < self.config.free_failures.max(1) {
                 record.in_flight += 1;
                 return Pass::Free;
@@ -337,14 +332,25 @@ impl LoginThrottler {
         }
     }
 
-    fn bump<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> u32 {
-        let now = Instant::now();
-        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-        self.prune(&mut map, now);
+    /// The record for `key`, its failures forgotten if they are old enough.
+    fn record<'m, K: Hash + Eq + Clone>(
+        &self,
+        map: &'m mut HashMap<K, Record>,
+        key: &K,
+        now: Instant,
+    ) -> &'m mut Record {
+        self.prune(map, now);
         let record = map.entry(key.clone()).or_insert_with(|| Record::new(now));
         if now.duration_since(record.last) >= self.config.forget_after {
             record.failures = 0;
         }
+        record
+    }
+
+    fn bump<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> u32 {
+        let now = Instant::now();
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.record(&mut map, key, now);
         record.failures += 1;
         record.last = now;
         record.failures
