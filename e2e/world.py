@@ -87,7 +87,11 @@ IDENTITIES = {i.name: i for i in [
     # One token serves min(10s, 60s/2) short of its 60 s: ~50 s per token request.
     Identity("ticker", lifetime=60, min_token_lifetime="10s"),
     Identity("revoke"),
+    # One identity per token-endpoint fault: a failure puts an identity in its backoff,
+    # during which logins share the failure without asking the endpoint again.
     Identity("faulty", token_timeout="2s"),
+    Identity("slowpoke", token_timeout="2s"),
+    Identity("grantless", token_timeout="2s"),
     Identity("unreachable", reachable=False, token_timeout="2s"),
     Identity("denied", permitted=False),
     Identity("throttled"),
@@ -113,6 +117,8 @@ ACCOUNTS = {a.username: a for a in [
     Account("ticker", "ticker"),
     Account("revokee", "revoke"),
     Account("faulty", "faulty"),
+    Account("slowpoke", "slowpoke"),
+    Account("grantless", "grantless"),
     Account("stranded", "unreachable"),
     Account("denied", "denied"),
     Account("throttled", "throttled"),
