@@ -300,7 +300,11 @@ impl Dialogue for ImapClient {
                     self.state = State::Finished;
                     return Ok(Action::Done(Outcome::Capabilities(caps)));
                 }
-                (State::Authenticating { response_sent, challenge }, Response::Continuation(text)) => {
+                // One error challenge gets one empty answer; a server that
+                // kept challenging would keep the login going for ever.
+                (State::Authenticating { response_sent, challenge }, Response::Continuation(text))
+                    if challenge.is_none() =>
+                {
                     let Goal::Login(login) = &self.goal else {
                         return Err(ClientError::Protocol { phase: "authenticating", detail: "no login".into() });
                     };
@@ -495,6 +499,17 @@ mod tests {
                     challenge: Some(r#"{"status":"401","schemes":"bearer"}"#.into())
                 })
             );
+        }
+
+        #[test]
+        fn a_second_error_challenge_is_an_error() {
+            let (sent, result, _) = run(
+                false,
+                || login(&["SASL-IR"], None),
+                &[EXCHANGE_GREETING, b"+ e30=\r\n", b"+ e30=\r\n", b"A1 NO AUTHENTICATE failed.\r\n"],
+            );
+            assert_eq!(sent, "A1 AUTHENTICATE XOAUTH2 SVI=\r\n\r\n", "one challenge, one answer");
+            assert_eq!(result.unwrap_err().to_string(), "unexpected answer authenticating: + e30=");
         }
 
         #[test]
