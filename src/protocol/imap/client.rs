@@ -176,6 +176,10 @@ impl fmt::Display for Response {
 /// and SASL challenges are far shorter).
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// More untagged responses before a tagged one than any server sends while
+/// logging in: the upstream is not going to finish.
+const MAX_UNTAGGED: usize = 256;
+
 const PROBE_TAG: &[u8] = b"P1";
 const STARTTLS_TAG: &[u8] = b"S1";
 const AUTH_TAG: &[u8] = b"A1";
@@ -283,6 +287,12 @@ impl Dialogue for ImapClient {
                         }
                     }
                     self.untagged.push(line);
+                    if self.untagged.len() > MAX_UNTAGGED {
+                        return Err(ClientError::Protocol {
+                            phase: self.phase(),
+                            detail: "endless untagged responses".into(),
+                        });
+                    }
                 }
                 (State::StartTls, Response::Tagged { tag, status, .. }) if tag == STARTTLS_TAG => {
                     if status != Status::Ok {
@@ -510,6 +520,21 @@ mod tests {
             );
             assert_eq!(sent, "A1 AUTHENTICATE XOAUTH2 SVI=\r\n\r\n", "one challenge, one answer");
             assert_eq!(result.unwrap_err().to_string(), "unexpected answer authenticating: + e30=");
+        }
+
+        #[test]
+        fn endless_untagged_responses_are_an_error() {
+            let endless = b"* OK still here\r\n".repeat(MAX_UNTAGGED + 1);
+            for (starttls, goal) in [(true, Goal::Probe), (false, Goal::Probe), (false, login(&[], None))] {
+                let mut input = BytesMut::new();
+                let (_, result) = crate::protocol::client::testing::play(
+                    ImapClient::new(starttls, goal),
+                    &[EXCHANGE_GREETING, &endless],
+                    4096,
+                    &mut input,
+                );
+                assert!(result.unwrap_err().to_string().ends_with("endless untagged responses"));
+            }
         }
 
         #[test]
