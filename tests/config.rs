@@ -34,6 +34,8 @@ fn the_example_config_parses_with_its_documented_defaults() {
     assert_eq!(smtp.limits.idle_timeout.as_secs(), 1800);
     assert_eq!(smtp.limits.max_line_length, 8192);
     assert_eq!((smtp.limits.max_connections, smtp.limits.max_connections_per_ip), (1000, 50));
+    // The kernel's maximum, read when the listener is bound.
+    assert_eq!(smtp.limits.listen_backlog, None);
     assert!(smtp.allow_from.is_empty());
     // Exchange Online's limits per mailbox: SMTP AUTH 3, IMAP 20, POP3 20.
     assert_eq!(config.session_caps, xoauth2_proxy::config::SessionCaps { smtp: 3, imap: 20, pop3: 20 });

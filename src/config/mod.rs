@@ -84,6 +84,9 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Connections the kernel may hold waiting for `accept`; `None`: as many
+    /// as it allows (`net.core.somaxconn`), read when the listener is bound.
+    pub listen_backlog: Option<u32>,
 }
 
 impl Limits {

@@ -117,6 +117,8 @@ pub struct RawListener {
     #[serde(default)]
     pub max_connections_per_ip: Option<usize>,
     #[serde(default)]
+    pub listen_backlog: Option<u32>,
+    #[serde(default)]
     pub allow_from: Option<Vec<String>>,
     #[serde(default)]
     pub max_sessions_per_mailbox: Option<usize>,

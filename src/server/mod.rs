@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use stream::ClientStream;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -118,7 +118,7 @@ impl Proxy {
         };
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let socket = TcpListener::bind(l.bind).await.map_err(|source| StartError::Bind {
+            let socket = listen(l).map_err(|source| StartError::Bind {
                 listener: l.name.clone(),
                 addr: l.bind,
                 source,
@@ -207,6 +207,36 @@ impl Proxy {
         }
         info!("stopped");
     }
+}
+
+/// The kernel's cap on a listener's accept queue (`net.core.somaxconn`);
+/// Linux's default since 5.4 where it cannot be read.
+fn kernel_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+/// Binds `l.bind` with an accept queue that holds a burst: std and tokio ask
+/// for 128, and when a thousand clients connect at once the kernel drops the
+/// final ACK of those that do not fit (`ListenOverflows`), leaving them
+/// waiting seconds for retransmissions before their greeting. Sets
+/// SO_REUSEADDR as std's bind does.
+fn listen(l: &ListenerConfig) -> std::io::Result<TcpListener> {
+    let kernel = kernel_backlog();
+    let backlog = l.limits.listen_backlog.unwrap_or(kernel);
+    if backlog > kernel {
+        warn!(
+            listener = %l.name,
+            listen_backlog = backlog,
+            "the kernel caps the accept queue at {kernel} (net.core.somaxconn)"
+        );
+    }
+    let socket = if l.bind.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(l.bind)?;
+    socket.listen(backlog)
 }
 
 /// Applies a reloaded configuration (SIGHUP) to a running proxy.

@@ -134,7 +134,11 @@ fn limits(l: &RawListener, at: &dyn Fn(&str) -> String, cx: &mut Ctx) -> Limits 
         upstream_timeout: l.upstream_timeout.map_or(Limits::DEFAULT_UPSTREAM_TIMEOUT, |d| d.0),
         max_connections: l.max_connections.unwrap_or(Limits::DEFAULT_MAX_CONNECTIONS),
         max_connections_per_ip: l.max_connections_per_ip.unwrap_or(Limits::DEFAULT_MAX_CONNECTIONS_PER_IP),
+        listen_backlog: l.listen_backlog,
     };
+    if limits.listen_backlog == Some(0) {
+        cx.add(at("listen_backlog"), "must be at least 1 (remove the key for the kernel's maximum)");
+    }
     for (key, n) in
         [("max_connections", limits.max_connections), ("max_connections_per_ip", limits.max_connections_per_ip)]
     {
