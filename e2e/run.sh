@@ -11,7 +11,8 @@
 # A private Postfix relays through the proxy (a site's smarthost set-up), and mbsync
 # pulls a mailbox through it.
 #
-# Environment: E2E_PROXY_BIN=path   use this binary instead of `cargo build --release`
+# Environment: E2E_PROXY_BIN=path   use this binary (built with --features legacy-tls)
+#                                    instead of `cargo build --release --features legacy-tls`
 #              E2E_KEEP=1           keep the work directory (configs, logs, mail) afterwards
 #              E2E_DEBUG=1          debug logging in Dovecot and the proxy
 #              E2E_PENDING=a,b      render the world's parts for these pending issue 10
@@ -59,11 +60,14 @@ build_proxy() {
   if [[ -n ${E2E_PROXY_BIN:-} ]]; then
     PROXY_BIN=$E2E_PROXY_BIN
   else
-    say "building the proxy (cargo build --release)"
-    cargo build --release --quiet --manifest-path "$REPO_DIR/Cargo.toml"
+    say "building the proxy (cargo build --release --features legacy-tls)"
+    cargo build --release --quiet --features legacy-tls --manifest-path "$REPO_DIR/Cargo.toml"
     PROXY_BIN=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/xoauth2-proxy
   fi
   [[ -x $PROXY_BIN ]] || die "no proxy binary at $PROXY_BIN"
+  # The world has listeners on the legacy TLS profile (world.LEGACY_LISTENERS).
+  [[ $("$PROXY_BIN" --version) == *legacy-tls* ]] ||
+    die "$PROXY_BIN was built without --features legacy-tls, which the tls-legacy-* listeners need"
 }
 
 # A CA and a server certificate for 127.0.0.1, made for this run only. The proxy trusts
@@ -89,9 +93,8 @@ make_pki() {
     -days 2 -out "$dir/proxy.pem" -extfile <(printf '%s\n' \
       'subjectAltName=DNS:proxy.example.test,IP:127.0.0.1' 'basicConstraints=critical,CA:FALSE' \
       'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth') 2>/dev/null
-  # The same with an RSA key, for old clients' RSA key exchange: only the pending
-  # legacy-tls scenarios use it (world.PENDING), and the key takes a second or two.
-  [[ ,${E2E_PENDING:-}, == *,legacy-tls,* ]] || return 0
+  # The same with an RSA key, for old clients' RSA key exchange: the listeners on the
+  # legacy TLS profile (world.LEGACY_LISTENERS) serve it.
   openssl req -new -newkey rsa:2048 -nodes \
     -subj '/CN=proxy.example.test' -keyout "$dir/proxy-rsa-key.pem" -out "$dir/proxy-rsa.csr" 2>/dev/null
   openssl x509 -req -in "$dir/proxy-rsa.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \

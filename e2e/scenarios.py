@@ -21,11 +21,13 @@ import poplib
 import re
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -1213,13 +1215,23 @@ variants(pop3_quirk,
 
 # ---- TLS towards local clients: what old TLS stacks get -----------------------------
 
-def openssl_client(ctx: Context, port: int, version: str, stdin: bytes = b"") -> tuple[int, str]:
+LEGACY_CIPHER = "AES128-SHA:@SECLEVEL=0"
+
+
+def openssl_command(ctx: Context, port: int, version: str, starttls: str | None = None) -> list[str]:
     """Debian's `openssl s_client` with an old TLS version and RSA key exchange, as a
-    2010s printer offers (AES128-SHA; SECLEVEL 0 lets OpenSSL 3 offer it at all). Returns
-    (exit status, output)."""
-    result = subprocess.run(["openssl", "s_client", "-connect", f"{ctx.env.host}:{port}", f"-{version}",
-                             "-cipher", "AES128-SHA:@SECLEVEL=0", "-CAfile", ctx.env.ca_file, "-crlf",
-                             "-ign_eof", "-quiet"], input=stdin, capture_output=True, timeout=TIMEOUT)
+    2010s printer offers (AES128-SHA; SECLEVEL 0 lets OpenSSL 3 offer it at all),
+    verifying the proxy's certificate against the run's CA."""
+    return ["openssl", "s_client", "-connect", f"{ctx.env.host}:{port}", f"-{version}", "-cipher", LEGACY_CIPHER,
+            "-CAfile", ctx.env.ca_file, "-verify_return_error", "-crlf", "-ign_eof", "-quiet",
+            *(["-starttls", starttls] if starttls else [])]
+
+
+def openssl_client(ctx: Context, port: int, version: str, stdin: bytes = b"",
+                   starttls: str | None = None) -> tuple[int, str]:
+    """Runs openssl_command with `stdin`; returns (exit status, output)."""
+    result = subprocess.run(openssl_command(ctx, port, version, starttls), input=stdin, capture_output=True,
+                            timeout=TIMEOUT)
     return result.returncode, (result.stdout + result.stderr).decode("utf-8", "replace")
 
 
@@ -1238,23 +1250,49 @@ def tls_legacy_refused(ctx: Context):
     return ", ".join(answers)
 
 
-def tls_legacy_login(ctx: Context, version: str):
+def tls_legacy_login(ctx: Context, version: str, kind: str = "legacy", starttls: str | None = None):
     """A legacy listener (OpenSSL, TLS 1.0/1.1, RSA key exchange) takes the old handshake,
-    a LOGIN, and serves a FETCH byte for byte."""
+    implicit or after STARTTLS, a LOGIN, and serves a FETCH byte for byte."""
     acct, data = A["printer"], message(new_id())
     uid = ctx.clients.append(acct, data)
     commands = (f"a1 LOGIN {acct.username} \"{acct.password}\"\na2 SELECT INBOX\n"
                 f"a3 UID FETCH {uid} (BODY.PEEK[])\na4 LOGOUT\n").replace('\\', '\\\\').encode()
-    status, output = openssl_client(ctx, ctx.env.proxy_port("imap", "legacy"), version, commands)
+    status, output = openssl_client(ctx, ctx.env.proxy_port("imap", kind), version, commands, starttls)
     for tag in ["a1", "a2", "a3"]:
         check(re.search(rf"^{tag} OK", output, re.MULTILINE), f"-{version}: no {tag} OK: {tail(output, 6)}")
     check(data.decode() in output.replace("\r\n", "\n").replace("\n", "\r\n"),
           f"-{version}: the FETCHed message is not the one APPENDed")
-    return f"-{version} AES128-SHA: LOGIN, SELECT, FETCH"
+    return f"-{version}{' -starttls imap' if starttls else ''} AES128-SHA: LOGIN, SELECT, FETCH"
 
 
 variants(tls_legacy_login, ("tls-legacy-profile-tls1", {"version": "tls1"}),
-         ("tls-legacy-profile-tls1_1", {"version": "tls1_1"}), pending="legacy-tls")
+         ("tls-legacy-profile-tls1_1", {"version": "tls1_1"}),
+         ("tls-legacy-profile-starttls-imap", {"version": "tls1", "kind": "legacystarttls", "starttls": "imap"}))
+
+
+@scenario("tls-legacy-profile-smtp-printer")
+def tls_legacy_smtp(ctx: Context):
+    """What a scan-to-email printer does: Python's smtplib with a TLS stack limited to
+    TLS 1.0 and AES128-SHA (RSA key exchange, SHA-1 MAC), STARTTLS on the legacy SMTP
+    listener, AUTH PLAIN, one message that arrives byte for byte."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with warnings.catch_warnings():  # Python deprecates TLSv1, which is the point here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tls.minimum_version = tls.maximum_version = ssl.TLSVersion.TLSv1
+    tls.set_ciphers(LEGACY_CIPHER)
+    tls.load_verify_locations(ctx.env.ca_file)
+    acct, e2e_id = A["printer"], new_id()
+    data = message(e2e_id, sender=acct.mailbox)
+    with smtplib.SMTP(ctx.env.host, ctx.env.proxy_port("smtp", "legacystarttls"), timeout=TIMEOUT) as smtp:
+        smtp.ehlo("printer")
+        smtp.starttls(context=tls)
+        negotiated = (smtp.sock.version(), smtp.sock.cipher()[0])
+        check(negotiated == ("TLSv1", "AES128-SHA"), f"negotiated {negotiated}")
+        smtp.ehlo("printer")
+        smtp.login(acct.username, acct.password)
+        smtp.sendmail(acct.mailbox, ["rcpt@example.net"], data)
+    delivered(ctx, {e2e_id: data})
+    return f"{negotiated[0]} {negotiated[1]} after STARTTLS: AUTH, one message delivered"
 
 
 # ---- clients on the wrong port or mode (pending) ------------------------------------

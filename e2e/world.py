@@ -185,11 +185,6 @@ PENDING = {
     "auth-equals-line": {"listeners": {"authequals": (["smtp"], ["    broken_sasl_auth_clients: true"])}},
     # Implicit TLS or plain text/STARTTLS on one port, by the client's first bytes.
     "local-tls-auto": {"listeners": {"auto": (list(PROTOCOLS), ["    local_tls: auto"])}},
-    # TLS 1.0/1.1 and RSA key exchange through OpenSSL, with an RSA certificate (run.sh
-    # makes proxy-rsa.pem): AES128-SHA needs one.
-    "legacy-tls": {"listeners": {"legacy": (["imap"], [
-        "    local_tls: implicit", "    local_tls_profile: legacy",
-        "    tls_cert_file: ${pki}/proxy-rsa.pem", "    tls_key_file: ${pki}/proxy-rsa-key.pem"])}},
     # A ClientHello on a plaintext port, plain text on an implicit-TLS one: recognised
     # and closed at once (the default listeners and the "implicit" ones suffice).
     "tls-sniffing": {},
@@ -202,9 +197,25 @@ PENDING = {
 # The PENDING features the proxy has now: their world parts are always rendered and
 # their scenarios run by default.
 LANDED = {"tls-sniffing", "overlong-line-bound", "local-tls-auto", "auth-equals-line", "per-protocol-caps"}
+
+# Listeners on the legacy TLS profile (OpenSSL: TLS 1.0/1.1 and RSA key exchange, for
+# old printers), each with its own RSA certificate (run.sh makes proxy-rsa.pem; RSA key
+# exchange needs one), while the other TLS listeners keep the ECDSA one: kind ->
+# (protocols, local_tls).
+LEGACY_LISTENERS = {"legacy": (["imap"], "implicit"), "legacystarttls": (["imap", "smtp"], "starttls")}
+
+
+def legacy_lines(kind: str, pki: Path) -> list[str]:
+    return [f"    local_tls: {LEGACY_LISTENERS[kind][1]}", "    local_tls_profile: legacy", "    tls:",
+            f"      cert_file: {yaml_str(str(pki / 'proxy-rsa.pem'))}",
+            f"      key_file: {yaml_str(str(pki / 'proxy-rsa-key.pem'))}"]
+
+
 PENDING_KINDS = {kind: feature for feature, part in PENDING.items() for kind in part.get("listeners", {})}
 PORT_NAMES = ["mock", "sink", "imaps", "pop3s", "submission", "closed", "postfix",
               *[proxy_port_name(kind, protocol) for kind in LISTENER_KINDS for protocol in PROTOCOLS],
+              *[proxy_port_name(kind, protocol) for kind, (protocols, _) in LEGACY_LISTENERS.items()
+                for protocol in protocols],
               *[proxy_port_name(kind, protocol) for part in PENDING.values()
                 for kind, (protocols, _) in part.get("listeners", {}).items() for protocol in protocols]]
 
@@ -289,6 +300,9 @@ def proxy_config(ports: dict, pki: Path, store: Path, proxy_bin: str, debug: boo
     for kind, upstream_host in LISTENER_KINDS.items():
         for protocol in PROTOCOLS:
             lines += listener(ports, kind, protocol, upstream_host)
+    for kind, (protocols, _) in LEGACY_LISTENERS.items():
+        for protocol in protocols:
+            lines += listener(ports, kind, protocol) + legacy_lines(kind, pki)
     for feature in pending:
         for kind, (protocols, extra) in PENDING[feature].get("listeners", {}).items():
             for protocol in protocols:

@@ -13,7 +13,7 @@ mod validate;
 use crate::protocol::Protocol;
 use crate::secret::Secret;
 pub use expand::{Env, ProcessEnv};
-pub use raw::{Flow, JwtAlgorithm, LocalTls, LogFormat, LogLevel, UpstreamTls};
+pub use raw::{Flow, JwtAlgorithm, LocalTls, LocalTlsProfile, LogFormat, LogLevel, UpstreamTls};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -50,6 +50,11 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     pub bind: SocketAddr,
     pub local_tls: LocalTls,
+    /// Which TLS stack serves `local_tls` (modern unless `legacy` is asked for).
+    pub local_tls_profile: LocalTlsProfile,
+    /// The listener's own certificate (`listeners[].tls`), if it has one;
+    /// otherwise the top-level `tls:` serves it ([`Config::local_tls_files`]).
+    pub tls: Option<TlsFiles>,
     pub upstream: UpstreamAddr,
     pub upstream_tls: UpstreamTls,
     pub require_tls: bool,
@@ -186,7 +191,7 @@ impl fmt::Display for UpstreamAddr {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
@@ -273,6 +278,9 @@ impl Default for LogConfig {
     }
 }
 
+/// The cargo feature that serves `local_tls_profile: legacy` (OpenSSL).
+pub const LEGACY_FEATURE: &str = "legacy-tls";
+
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One thing wrong in a config file.
@@ -340,6 +348,15 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         validate::validate(raw, path, base).map_err(fail)
+    }
+
+    /// The certificate and key a listener's local TLS uses: its own
+    /// `tls:`, else the top-level one. None for listeners without local TLS.
+    pub fn local_tls_files<'a>(&'a self, listener: &'a ListenerConfig) -> Option<&'a TlsFiles> {
+        if listener.local_tls == LocalTls::None {
+            return None;
+        }
+        listener.tls.as_ref().or(self.tls.as_ref())
     }
 
     pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {

@@ -91,6 +91,11 @@ pub struct RawListener {
     pub bind: String,
     #[serde(default)]
     pub local_tls: Option<LocalTls>,
+    #[serde(default)]
+    pub local_tls_profile: Option<LocalTlsProfile>,
+    /// This listener's own certificate, instead of the top-level `tls:`.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
     pub upstream: String,
     #[serde(default)]
     pub upstream_tls: Option<UpstreamTls>,
@@ -146,6 +151,27 @@ impl LocalTls {
             LocalTls::Starttls => "starttls",
             LocalTls::Implicit => "implicit",
             LocalTls::Auto => "auto",
+        }
+    }
+}
+
+/// Which TLS stack and settings serve a listener's local TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalTlsProfile {
+    /// rustls: TLS 1.2 and 1.3, forward-secret AEAD suites only.
+    #[default]
+    Modern,
+    /// OpenSSL (cargo feature `legacy-tls`): also TLS 1.0/1.1 and RSA key
+    /// exchange, for devices that cannot do better.
+    Legacy,
+}
+
+impl LocalTlsProfile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalTlsProfile::Modern => "modern",
+            LocalTlsProfile::Legacy => "legacy",
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod caps;
 pub mod limits;
+mod local_tls;
 mod session;
 mod stream;
 
@@ -13,13 +14,12 @@ use crate::token::{TokenError, TokenManager};
 use crate::upstream::{BadServerName, Upstream};
 use caps::CapabilityCache;
 use limits::{ConnectionLimiter, LoginThrottler, MailboxLimiter, Refusal};
-use rustls::ServerConfig;
+use local_tls::{Certificates, LocalTls};
 use session::Signals;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use stream::ClientStream;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -41,28 +41,6 @@ pub struct Shared {
 impl Shared {
     pub fn accounts(&self) -> Arc<Accounts> {
         self.accounts.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// The server certificate for local TLS, replaceable while running.
-pub struct LocalTls {
-    /// Implicit, STARTTLS or auto (never none: then there is no `LocalTls`).
-    mode: LocalTlsMode,
-    config: Arc<RwLock<Arc<ServerConfig>>>,
-}
-
-impl LocalTls {
-    async fn accept(&self, stream: ClientStream, timeout: Duration) -> std::io::Result<ClientStream> {
-        let ClientStream::Plain(tcp) = stream else {
-            return Err(std::io::Error::other("TLS is already active"));
-        };
-        let config = self.config.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => Ok(ClientStream::Tls(Box::new(tls))),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")),
-        }
     }
 }
 
@@ -91,7 +69,7 @@ pub enum StartError {
 pub struct Proxy {
     listeners: Vec<(TcpListener, Arc<ListenerCtx>)>,
     shutdown_timeout: Duration,
-    server_tls: Option<Arc<RwLock<Arc<ServerConfig>>>>,
+    certificates: Arc<Certificates>,
     shared: Arc<Shared>,
 }
 
@@ -111,11 +89,7 @@ impl Proxy {
             throttle: LoginThrottler::new(config.login_throttle.clone()),
             mailboxes: MailboxLimiter::new(),
         });
-        let needs_tls = config.listeners.iter().any(|l| l.local_tls != LocalTlsMode::None);
-        let server_tls = match (&config.tls, needs_tls) {
-            (Some(files), true) => Some(Arc::new(RwLock::new(tls::server_config(&files.cert_file, &files.key_file)?))),
-            _ => None,
-        };
+        let mut certificates = Certificates::default();
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let socket = listen(l).map_err(|source| StartError::Bind {
@@ -125,10 +99,7 @@ impl Proxy {
             })?;
             let upstream = Upstream::new(l, client_tls.clone())
                 .map_err(|source| StartError::Listener { listener: l.name.clone(), source })?;
-            let local_tls = match (l.local_tls, &server_tls) {
-                (LocalTlsMode::None, _) | (_, None) => None,
-                (mode, Some(config)) => Some(LocalTls { mode, config: config.clone() }),
-            };
+            let local_tls = certificates.for_listener(config, l)?;
             let ctx = ListenerCtx {
                 config: l.clone(),
                 upstream,
@@ -139,7 +110,7 @@ impl Proxy {
             };
             listeners.push((socket, Arc::new(ctx)));
         }
-        Ok(Proxy { listeners, shutdown_timeout: config.shutdown_timeout, server_tls, shared })
+        Ok(Proxy { listeners, shutdown_timeout: config.shutdown_timeout, certificates: Arc::new(certificates), shared })
     }
 
     /// Starts obtaining tokens for every delegated account, so their refresh
@@ -170,7 +141,7 @@ impl Proxy {
 
     /// A handle that applies a re-read configuration while [`Proxy::run`] owns the proxy.
     pub fn reloader(&self) -> Reloader {
-        Reloader { slot: self.server_tls.clone(), shared: self.shared.clone() }
+        Reloader { certificates: self.certificates.clone(), shared: self.shared.clone() }
     }
 
     /// Serves until `shutdown` completes, then stops accepting, tells clients
@@ -242,7 +213,7 @@ fn listen(l: &ListenerConfig) -> std::io::Result<TcpListener> {
 /// Applies a reloaded configuration (SIGHUP) to a running proxy.
 #[derive(Clone)]
 pub struct Reloader {
-    slot: Option<Arc<RwLock<Arc<ServerConfig>>>>,
+    certificates: Arc<Certificates>,
     shared: Arc<Shared>,
 }
 
@@ -252,17 +223,15 @@ impl Reloader {
     /// already running keep what they started with. Listeners, identities
     /// and the token store are read at start only.
     pub fn reload(&self, config: &Config) -> Result<String, TlsError> {
-        let fresh_tls = match (&self.slot, &config.tls) {
-            (Some(_), Some(files)) => Some(tls::server_config(&files.cert_file, &files.key_file)?),
-            _ => None,
-        };
+        let fresh_tls = self.certificates.prepare(config)?;
         let accounts = Accounts::from_config(config);
         let count = accounts.len();
         *self.shared.accounts.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(accounts);
         let mut done = format!("{count} accounts");
-        if let (Some(slot), Some(fresh)) = (&self.slot, fresh_tls) {
-            *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-            done.push_str(" and the local TLS certificate");
+        match fresh_tls.apply() {
+            0 => {}
+            1 => done.push_str(" and the local TLS certificate"),
+            n => done.push_str(&format!(" and the local TLS certificates of {n} listeners")),
         }
         Ok(done)
     }

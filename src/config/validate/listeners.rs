@@ -2,8 +2,8 @@
 
 use super::{parse_host_port, Ctx};
 use crate::config::cidr::Cidr;
-use crate::config::raw::{LocalTls, RawListener, UpstreamTls};
-use crate::config::{Limits, ListenerConfig, SessionCaps};
+use crate::config::raw::{LocalTls, LocalTlsProfile, RawListener, UpstreamTls};
+use crate::config::{Limits, ListenerConfig, SessionCaps, TlsFiles, LEGACY_FEATURE};
 use crate::protocol::Protocol;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -53,8 +53,20 @@ pub(super) fn validate(
             }
         };
         let local_tls = l.local_tls.unwrap_or(LocalTls::None);
-        if local_tls != LocalTls::None && !have_certificate {
-            cx.add(at("local_tls"), "local TLS needs a certificate: set tls.cert_file and tls.key_file");
+        let tls = l.tls.as_ref().map(|t| TlsFiles { cert_file: cx.resolve(&t.cert_file), key_file: cx.resolve(&t.key_file) });
+        if local_tls != LocalTls::None && !have_certificate && tls.is_none() {
+            cx.add(
+                at("local_tls"),
+                "local TLS needs a certificate: set tls.cert_file and tls.key_file (for every listener), \
+                 or this listener's own tls: {cert_file, key_file}",
+            );
+        }
+        if tls.is_some() && local_tls == LocalTls::None {
+            cx.add(at("tls"), "a certificate for a listener without local TLS: set local_tls, or remove tls");
+        }
+        let local_tls_profile = l.local_tls_profile.unwrap_or_default();
+        if local_tls_profile == LocalTlsProfile::Legacy {
+            legacy_profile(&l.name, local_tls, &at, cx);
         }
         let require_tls = l.require_tls.unwrap_or(false);
         if require_tls && local_tls == LocalTls::None {
@@ -108,6 +120,8 @@ pub(super) fn validate(
                 protocol: l.protocol,
                 bind,
                 local_tls,
+                local_tls_profile,
+                tls,
                 upstream,
                 upstream_tls,
                 require_tls,
@@ -121,6 +135,36 @@ pub(super) fn validate(
         }
     }
     listeners
+}
+
+/// `local_tls_profile: legacy`: only where TLS is served, only in a build
+/// that has OpenSSL, and always with a warning saying what it gives up.
+fn legacy_profile(name: &str, local_tls: LocalTls, at: &dyn Fn(&str) -> String, cx: &mut Ctx) {
+    if local_tls == LocalTls::None {
+        cx.add(at("local_tls_profile"), "the legacy profile is a kind of local TLS: set local_tls: implicit, starttls or auto");
+        return;
+    }
+    if !cfg!(feature = "legacy-tls") {
+        cx.add(
+            at("local_tls_profile"),
+            format!(
+                "this xoauth2-proxy was built without the cargo feature {LEGACY_FEATURE:?}, which serves the legacy \
+                 profile through OpenSSL: use the Debian package or the container image, or build with \
+                 `cargo build --release --features {LEGACY_FEATURE}`"
+            ),
+        );
+        return;
+    }
+    cx.warnings.push(legacy_warning(name));
+}
+
+/// What `check` (and `run`, at start) says about a listener on the legacy profile.
+fn legacy_warning(name: &str) -> String {
+    format!(
+        "listener {name:?} uses local_tls_profile: legacy: it accepts TLS 1.0 and 1.1, RSA key exchange (no \
+         forward secrecy: a recorded session can be decrypted later with the key) and CBC suites with SHA-1 MACs; \
+         acceptable only on a trusted segment such as a printer VLAN"
+    )
 }
 
 fn limits(l: &RawListener, at: &dyn Fn(&str) -> String, cx: &mut Ctx) -> Limits {
