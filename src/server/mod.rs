@@ -1,5 +1,6 @@
 //! The listeners: bind, accept, one task per connection, graceful drain.
 
+mod balancer;
 mod caps;
 pub mod limits;
 mod session;
@@ -22,7 +23,7 @@ use std::time::Duration;
 use stream::ClientStream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long sessions get to wind down once the shutdown deadline has passed.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
@@ -36,6 +37,8 @@ pub struct Shared {
     pub verifier: crate::verifier::Verifier,
     pub throttle: LoginThrottler,
     pub mailboxes: MailboxLimiter,
+    /// With `state:`, the link to the replicas' Redis.
+    pub state: Option<Arc<crate::state::SharedState>>,
 }
 
 impl Shared {
@@ -86,6 +89,8 @@ pub enum StartError {
     Bind { listener: String, addr: SocketAddr, source: std::io::Error },
     #[error("listener {listener}: {source}")]
     Listener { listener: String, source: BadServerName },
+    #[error("state: {0}")]
+    State(#[from] crate::state::StateError),
 }
 
 pub struct Proxy {
@@ -101,7 +106,14 @@ impl Proxy {
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         tls::install_default_provider();
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
-        let tokens = crate::token::manager_for(config, client_tls.clone())?;
+        let state = match &config.state {
+            Some(state) => Some(crate::state::SharedState::connect(state).await?),
+            None => None,
+        };
+        let tokens = crate::token::manager_with(
+            config,
+            crate::token::shared_context_for(config, client_tls.clone(), state.clone())?,
+        )?;
         let accounts = Accounts::from_config(config);
         let verifier = crate::verifier::Verifier::start(&config.password_verification);
         let shared = Arc::new(Shared {
@@ -110,6 +122,7 @@ impl Proxy {
             verifier,
             throttle: LoginThrottler::new(config.login_throttle.clone()),
             mailboxes: MailboxLimiter::new(),
+            state,
         });
         let needs_tls = config.listeners.iter().any(|l| l.local_tls != LocalTlsMode::None);
         let server_tls = match (&config.tls, needs_tls) {
@@ -267,31 +280,33 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
             accepted = socket.accept() => accepted,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                let allowed = &ctx.config.allow_from;
-                if !allowed.is_empty() && !allowed.iter().any(|range| range.contains(peer.ip())) {
-                    info!(listener = %ctx.config.name, client.addr = %peer, "connection refused: address not in allow_from");
+            Ok((mut tcp, peer)) => {
+                let Some(from) = &ctx.config.proxy_protocol_from else {
+                    admit(&ctx, tcp, peer, &signals, &tracker);
+                    continue;
+                };
+                if !balancer::trusted(from, peer) {
+                    warn!(listener = %ctx.config.name, balancer.addr = %peer, "connection refused: PROXY protocol is only accepted from proxy_protocol_from, which does not list this address");
                     continue;
                 }
-                let admitted = match ctx.connections.try_admit(peer.ip()) {
-                    Ok(guard) => guard,
-                    Err(refusal) => {
-                        let (what, limit) = match refusal {
-                            Refusal::ListenerFull => ("max_connections", ctx.config.limits.max_connections),
-                            Refusal::AddressFull => {
-                                ("max_connections_per_ip", ctx.config.limits.max_connections_per_ip)
-                            }
-                        };
-                        warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
-                        tracker.spawn(turn_away(ctx.clone(), tcp, Failure::TooManyConnections));
-                        continue;
-                    }
-                };
-                let open = signals.session_opened();
-                let (ctx, signals) = (ctx.clone(), signals.clone());
+                // The header is read in the connection's own task: a slow
+                // balancer connection must not hold up the accept loop.
+                let (ctx, signals, inner) = (ctx.clone(), signals.clone(), tracker.clone());
                 tracker.spawn(async move {
-                    let _held = (open, admitted);
-                    dispatch(ctx, tcp, peer, signals).await;
+                    let timeout = balancer::HEADER_TIMEOUT.min(ctx.config.limits.preauth_timeout);
+                    let client = tokio::select! {
+                        _ = signals.drain.cancelled() => return,
+                        client = balancer::client_addr(&mut tcp, peer, timeout) => client,
+                    };
+                    match client {
+                        Ok(client) => {
+                            debug!(listener = %ctx.config.name, client.addr = %client, balancer.addr = %peer, "PROXY protocol header read");
+                            admit(&ctx, tcp, client, &signals, &inner);
+                        }
+                        Err(e) => {
+                            warn!(listener = %ctx.config.name, balancer.addr = %peer, error = %e, "connection refused: no valid PROXY protocol header");
+                        }
+                    }
                 });
             }
             Err(e) if crate::upstream::is_exhaustion(&e) => {
@@ -315,6 +330,34 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
             }
         }
     }
+}
+
+/// Admits a connection from `peer` (the real client's address, behind a
+/// balancer): `allow_from`, the connection caps, then its session task.
+fn admit(ctx: &Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: &Signals, tracker: &TaskTracker) {
+    let allowed = &ctx.config.allow_from;
+    if !allowed.is_empty() && !allowed.iter().any(|range| range.contains(peer.ip())) {
+        info!(listener = %ctx.config.name, client.addr = %peer, "connection refused: address not in allow_from");
+        return;
+    }
+    let admitted = match ctx.connections.try_admit(peer.ip()) {
+        Ok(guard) => guard,
+        Err(refusal) => {
+            let (what, limit) = match refusal {
+                Refusal::ListenerFull => ("max_connections", ctx.config.limits.max_connections),
+                Refusal::AddressFull => ("max_connections_per_ip", ctx.config.limits.max_connections_per_ip),
+            };
+            warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
+            tracker.spawn(turn_away(ctx.clone(), tcp, Failure::TooManyConnections));
+            return;
+        }
+    };
+    let open = signals.session_opened();
+    let (ctx, signals) = (ctx.clone(), signals.clone());
+    tracker.spawn(async move {
+        let _held = (open, admitted);
+        dispatch(ctx, tcp, peer, signals).await;
+    });
 }
 
 /// Tells a client turned away at accept why, then hangs up. (On an
