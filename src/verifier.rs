@@ -161,8 +161,9 @@ impl Verifier {
         let jobs = Arc::new(Mutex::new(jobs));
         for n in 0..config.workers.max(1) {
             let (jobs, inner) = (jobs.clone(), inner.clone());
-            let spawned =
-                std::thread::Builder::new().name(format!("argon2-{n}")).spawn(move || worker(&jobs, &inner, Vec::new()));
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{n}"))
+                .spawn(move || worker(&jobs, &inner, Vec::new()));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a password verification worker");
             }

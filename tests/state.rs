@@ -335,3 +335,108 @@ async fn replicas_with_another_key_are_told_and_ignore_the_fleets_tokens() {
     let stranger = xoauth2_proxy::token::shared::SharedTokens::new(a.state.clone(), Arc::new(other));
     assert!(!stranger.key_matches().await.unwrap());
 }
+
+mod fleet {
+    use super::*;
+    use xoauth2_proxy::config::LoginThrottle;
+    use xoauth2_proxy::server::fleet::{FleetSlots, SessionSlots};
+    use xoauth2_proxy::server::limits::{LoginThrottler, MailboxBusy, MailboxLimiter};
+
+    fn slots(r: &Replica) -> FleetSlots {
+        FleetSlots::new(r.state.clone(), Arc::new(MailboxLimiter::new()))
+    }
+
+    #[tokio::test]
+    async fn the_cap_holds_across_replicas_and_a_waiting_login_gets_the_freed_slot() {
+        let redis = redis_or_skip!();
+        let token = TokenServer::start().await;
+        let (r1, r2) = (
+            replica(&token, &redis.url(), "client_credentials").await,
+            replica(&token, &redis.url(), "client_credentials").await,
+        );
+        let (s1, s2) = (Arc::new(slots(&r1)), Arc::new(slots(&r2)));
+        let (p, m, wait) = (Protocol::Smtp, "scanner@contoso.example", Duration::from_secs(5));
+        let (a, _) = s1.acquire(p, m, 2, wait).await.unwrap();
+        let (_b, _) = s2.acquire(p, m, 2, wait).await.unwrap();
+        assert_eq!(r1.state.slot_count(p, m).await.unwrap(), 2);
+        // Over the fleet's cap: waits, then gets the slot another replica frees.
+        let waiter = {
+            let s1 = s1.clone();
+            tokio::spawn(async move { s1.acquire(p, m, 2, wait).await.map(|(slot, waited)| (slot, waited)) })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiter.is_finished(), "a third session was admitted over a cap of 2");
+        drop(a);
+        let (_c, waited) = waiter.await.unwrap().unwrap();
+        assert!(waited >= Duration::from_millis(450), "{waited:?}");
+        // The wait runs out: the temporary-failure answer, and no lease or place left behind.
+        assert_eq!(s2.acquire(p, m, 2, Duration::from_millis(300)).await.err(), Some(MailboxBusy));
+        assert_eq!(r2.state.slot_count(p, m).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn without_redis_the_local_caps_hold_and_the_leases_come_back_with_it() {
+        let mut redis = redis_or_skip!();
+        let token = TokenServer::start().await;
+        let r = replica(&token, &redis.url(), "client_credentials").await;
+        let s = slots(&r);
+        let (p, m) = (Protocol::Imap, "scanner@contoso.example");
+        let (_first, _) = s.acquire(p, m, 2, Duration::from_secs(1)).await.unwrap();
+        redis.stop();
+        let started = Instant::now();
+        // The session already open counts locally: one more fits, then the cap.
+        let (_second, _) = s.acquire(p, m, 2, Duration::from_secs(1)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(1500), "the fallback waited for Redis");
+        assert_eq!(s.acquire(p, m, 2, Duration::from_millis(200)).await.err(), Some(MailboxBusy));
+        redis.restart();
+        // Renewals (every session_lease / 3 = 1 s) put both sessions back in Redis.
+        until("the leases re-created in the restarted Redis", Duration::from_secs(6), async || {
+            let _ = r.state.ping().await;
+            r.state.slot_count(p, m).await.unwrap_or(0) == 2
+        })
+        .await;
+    }
+
+    fn throttle(r: &Replica) -> LoginThrottler {
+        LoginThrottler::new(LoginThrottle {
+            free_failures: 3,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(8),
+            forget_after: Duration::from_secs(60),
+        })
+        .with_shared(Some(r.state.clone()))
+    }
+
+    #[tokio::test]
+    async fn failures_spread_over_replicas_are_throttled_as_one() {
+        let redis = redis_or_skip!();
+        let token = TokenServer::start().await;
+        let rs = [
+            replica(&token, &redis.url(), "client_credentials").await,
+            replica(&token, &redis.url(), "client_credentials").await,
+            replica(&token, &redis.url(), "client_credentials").await,
+        ];
+        let throttles: Vec<LoginThrottler> = rs.iter().map(throttle).collect();
+        let ip = "192.0.2.7".parse().unwrap();
+        let mut delays = Vec::new();
+        for i in 0..6 {
+            let attempt = throttles[i % 3].admit(ip, &format!("guess{i}")).await;
+            delays.push(attempt.failed().await.as_secs());
+        }
+        // Each replica saw two failures; the fleet saw six.
+        assert_eq!(delays, [0, 0, 0, 1, 2, 4]);
+        // A login for a username that failed elsewhere is slowed too, and a
+        // success clears the username for every replica.
+        let attempt = throttles[0].admit("192.0.2.99".parse().unwrap(), "printer").await;
+        assert_eq!(attempt.failed().await, Duration::ZERO);
+        drop(attempt);
+        for t in &throttles[1..] {
+            let _ = t.admit("192.0.2.98".parse().unwrap(), "printer").await.failed().await;
+        }
+        throttles[2].admit("192.0.2.97".parse().unwrap(), "printer").await.succeeded();
+        until("the success to reach Redis", Duration::from_secs(2), async || {
+            rs[0].state.failures("192.0.2.1".parse().unwrap(), "printer").await.unwrap().1 == 0
+        })
+        .await;
+    }
+}

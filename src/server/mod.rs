@@ -2,6 +2,7 @@
 
 mod balancer;
 mod caps;
+pub mod fleet;
 pub mod limits;
 mod session;
 mod stream;
@@ -36,7 +37,9 @@ pub struct Shared {
     /// Outlives reloads, with its memory of recent successful logins.
     pub verifier: crate::verifier::Verifier,
     pub throttle: LoginThrottler,
-    pub mailboxes: MailboxLimiter,
+    /// Upstream sessions per mailbox: this process's counts, or the
+    /// fleet's (`state:`), behind one interface.
+    pub mailboxes: Arc<dyn fleet::SessionSlots>,
     /// With `state:`, the link to the replicas' Redis.
     pub state: Option<Arc<crate::state::SharedState>>,
 }
@@ -120,8 +123,11 @@ impl Proxy {
             accounts: RwLock::new(Arc::new(accounts)),
             tokens,
             verifier,
-            throttle: LoginThrottler::new(config.login_throttle.clone()),
-            mailboxes: MailboxLimiter::new(),
+            throttle: LoginThrottler::new(config.login_throttle.clone()).with_shared(state.clone()),
+            mailboxes: match &state {
+                Some(state) => Arc::new(fleet::FleetSlots::new(state.clone(), Arc::new(MailboxLimiter::new()))),
+                None => Arc::new(MailboxLimiter::new()),
+            },
             state,
         });
         let needs_tls = config.listeners.iter().any(|l| l.local_tls != LocalTlsMode::None);
