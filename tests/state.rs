@@ -362,7 +362,7 @@ mod fleet {
         // Over the fleet's cap: waits, then gets the slot another replica frees.
         let waiter = {
             let s1 = s1.clone();
-            tokio::spawn(async move { s1.acquire(p, m, 2, wait).await.map(|(slot, waited)| (slot, waited)) })
+            tokio::spawn(async move { s1.acquire(p, m, 2, wait).await })
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!waiter.is_finished(), "a third session was admitted over a cap of 2");

@@ -187,6 +187,12 @@ impl Proxy {
         self.shared.tokens.clone()
     }
 
+    /// With `state:`, the link to the replicas' Redis: whether it is in use
+    /// (`is_up`) is what `/readyz` and the metrics report.
+    pub fn shared_state(&self) -> Option<Arc<crate::state::SharedState>> {
+        self.shared.state.clone()
+    }
+
     /// A handle that applies a re-read configuration while [`Proxy::run`] owns the proxy.
     pub fn reloader(&self) -> Reloader {
         Reloader { slot: self.server_tls.clone(), shared: self.shared.clone() }
