@@ -9,7 +9,8 @@
 #   python3 e2e/scenarios.py --list   the scenario names
 #
 # A private Postfix relays through the proxy (a site's smarthost set-up), and mbsync
-# pulls a mailbox through it.
+# pulls a mailbox through it. e2e/fleet.py then runs three replicas sharing a private
+# redis-server behind a private HAProxy (the fleet-* scenarios).
 #
 # Environment: E2E_PROXY_BIN=path   use this binary (built with --features legacy-tls)
 #                                    instead of `cargo build --release --features legacy-tls`
@@ -23,7 +24,7 @@ E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$E2E_DIR")
 readonly E2E_DIR REPO_DIR
 readonly PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-submissiond openssl curl python3
-                  postfix libsasl2-modules isync)
+                  postfix libsasl2-modules isync redis-server haproxy)
 
 # The scenarios import world.py and harness.py: leave no __pycache__ in the source tree.
 export PYTHONDONTWRITEBYTECODE=1
@@ -216,7 +217,19 @@ main() {
   POSTFIX_PREPARED=$!
   start_services
   say "environment ready after $((SECONDS - STARTED_AT)) s; running scenarios"
-  python3 "$E2E_DIR/scenarios.py" --env "$WORK/env.json" "$@"
+  # fleet-* scenarios (e2e/fleet.py: three replicas, Redis, HAProxy) run after the others,
+  # against the same Dovecot and mock; a glob starting with "fleet" selects only them.
+  local main_patterns=() fleet_patterns=() pattern status=0
+  for pattern in "$@"; do
+    if [[ $pattern == fleet* ]]; then fleet_patterns+=("$pattern"); else main_patterns+=("$pattern"); fi
+  done
+  if (($# == 0 || ${#main_patterns[@]} > 0)); then
+    python3 "$E2E_DIR/scenarios.py" --env "$WORK/env.json" "${main_patterns[@]}" || status=$?
+  fi
+  if (($# == 0 || ${#fleet_patterns[@]} > 0)); then
+    python3 "$E2E_DIR/fleet.py" --env "$WORK/env.json" "${fleet_patterns[@]}" || status=$?
+  fi
+  return "$status"
 }
 
 main "$@"

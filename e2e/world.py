@@ -105,6 +105,11 @@ IDENTITIES = {i.name: i for i in [
     # forgot POP.AccessAsApp.
     Identity("doctor"),
     Identity("doctor-norole", roles=("IMAP.AccessAsApp", "SMTP.SendAsApp")),
+    # The fleet-* scenarios (e2e/fleet.py): three replicas sharing one Redis. fleetfirst
+    # gets no token before fleet-first-logins; fleetdel is delegated, with 30 s tokens.
+    Identity("fleet"),
+    Identity("fleetfirst"),
+    Identity("fleetdel", lifetime=30, min_token_lifetime="5s", flow="refresh_token"),
 ]}
 
 ACCOUNTS = {a.username: a for a in [
@@ -145,6 +150,13 @@ ACCOUNTS = {a.username: a for a in [
     Account("unicode", "main", hashed=True, secret="Pässwörd ~ \"ünï\" \\ 日本語 €"),
     Account("doc", "doctor", smtp_user=f"docsender@{DOMAIN}"),
     Account("docnorole", "doctor-norole"),
+    # fleet-*: one account per scenario, so each counts only its own sessions.
+    Account("fleet", "fleet"),
+    Account("fleetfirst", "fleetfirst"),
+    Account("fleetsend", "fleet"),
+    Account("fleetbad", "fleet"),
+    Account("fleetkill", "fleet"),
+    Account("fleetdel", "fleetdel"),
 ]}
 
 # The configs check-* scenarios run `check --online` with: name -> (identity, account,

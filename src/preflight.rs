@@ -44,6 +44,23 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
             ClientCredential::Secret(_) | ClientCredential::None => {}
         }
     }
+    if let Some(state) = &config.state {
+        if let Some(crate::config::StatePassword::File(file)) = &state.password {
+            if let Err(e) = readable(file) {
+                add("state.password_file".into(), e);
+            }
+        }
+        if let Some(ca) = &state.ca_file {
+            match readable(ca) {
+                Ok(()) => {
+                    if let Err(e) = crate::tls::load_certificates(ca) {
+                        add("state.ca_file".into(), e.to_string());
+                    }
+                }
+                Err(e) => add("state.ca_file".into(), e),
+            }
+        }
+    }
     if problems.is_empty() {
         Ok(())
     } else {

@@ -13,7 +13,7 @@ mod validate;
 use crate::protocol::Protocol;
 use crate::secret::Secret;
 pub use expand::{Env, ProcessEnv};
-pub use raw::{Flow, JwtAlgorithm, LocalTls, LocalTlsProfile, LogFormat, LogLevel, UpstreamTls};
+pub use raw::{Flow, JwtAlgorithm, LocalTls, LocalTlsProfile, LogFormat, LogLevel, StateBackend, UpstreamTls};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -40,6 +40,8 @@ pub struct Config {
     pub session_wait: Duration,
     pub login_throttle: LoginThrottle,
     pub password_verification: PasswordVerification,
+    /// Shared state for several replicas; `None`: files and memory.
+    pub state: Option<StateConfig>,
     /// Things that are allowed but deserve the admin's attention.
     pub warnings: Vec<String>,
 }
@@ -71,6 +73,9 @@ pub struct ListenerConfig {
     /// Add the `AUTH=PLAIN LOGIN` line of pre-RFC 4954 clients to EHLO (Postfix's
     /// `broken_sasl_auth_clients`).
     pub broken_sasl_auth_clients: bool,
+    /// `proxy_protocol: true`: every connection starts with a PROXY header
+    /// from one of these balancer addresses (`proxy_protocol_from`).
+    pub proxy_protocol_from: Option<Vec<cidr::Cidr>>,
     pub limits: Limits,
 }
 
@@ -264,6 +269,52 @@ pub struct TokenStoreConfig {
 pub enum TokenStoreKey {
     File(PathBuf),
     Inline(Secret<String>),
+}
+
+/// `state:`: the Redis (or Valkey) server that replicas share.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    /// `redis://` or `rediss://` (TLS); a password in it is a secret.
+    pub url: Secret<String>,
+    /// Every key starts with `{prefix}:`; replicas with the same prefix share.
+    pub prefix: String,
+    pub password: Option<StatePassword>,
+    /// Extra trust root for `rediss://` (else the public web roots).
+    pub ca_file: Option<PathBuf>,
+    /// Bound on every Redis round trip (and on connecting).
+    pub timeout: Duration,
+    /// A mailbox session slot lives this long unless renewed (every third of it).
+    pub session_lease: Duration,
+    /// Expiry of the cross-replica refresh lock.
+    pub refresh_lock: Duration,
+}
+
+impl StateConfig {
+    pub const DEFAULT_PREFIX: &'static str = "xoauth2-proxy";
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_SESSION_LEASE: Duration = Duration::from_secs(30);
+    pub const DEFAULT_REFRESH_LOCK: Duration = Duration::from_secs(30);
+
+    /// The URL with any password in it masked, for messages.
+    pub fn display_url(&self) -> String {
+        let url = self.url.expose();
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &url[scheme + 3..at];
+                let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+                format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum StatePassword {
+    Inline(Secret<String>),
+    /// Read when connecting, so a rotated password needs no restart.
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone)]

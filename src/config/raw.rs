@@ -36,6 +36,36 @@ pub struct RawConfig {
     pub login_throttle: Option<RawLoginThrottle>,
     #[serde(default)]
     pub password_verification: Option<RawPasswordVerification>,
+    #[serde(default)]
+    pub state: Option<RawState>,
+}
+
+/// Where replicas share their state (`state:`); absent means files and memory.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub backend: StateBackend,
+    pub url: String,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default, deserialize_with = "secret_scalar")]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<String>,
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub session_lease: Option<HumanDuration>,
+    #[serde(default)]
+    pub refresh_lock: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    Redis,
 }
 
 /// Upstream sessions per mailbox: one number for every protocol, or one per protocol.
@@ -131,6 +161,9 @@ pub struct RawListener {
     pub session_wait: Option<HumanDuration>,
     #[serde(default)]
     pub broken_sasl_auth_clients: Option<bool>,
+    pub proxy_protocol: Option<bool>,
+    #[serde(default)]
+    pub proxy_protocol_from: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -11,6 +11,7 @@ pub mod imap;
 pub mod line;
 pub mod pop3;
 pub mod preauth;
+pub mod proxy;
 pub mod reply;
 pub mod smtp;
 

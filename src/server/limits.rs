@@ -240,11 +240,17 @@ const MAX_RECORDS: usize = 50_000;
 /// every attempt from the address (or for the username) waits for the one
 /// before it, including that one's delay, so parallel connections guess no
 /// faster than one.
+///
+/// With `state:`, the failure counts are the fleet's: each attempt first
+/// adopts the shared counts for its address and username, and each failure
+/// is counted in Redis too, so guesses spread over replicas are slowed as
+/// one. The gate stays per replica (it holds attempts in this process).
 #[derive(Debug)]
 pub struct LoginThrottler {
     config: LoginThrottle,
     by_ip: Mutex<HashMap<IpAddr, Record>>,
     by_user: Mutex<HashMap<String, Record>>,
+    shared: Option<Arc<crate::state::SharedState>>,
 }
 
 /// How an attempt got past one record: freely, or holding its gate.
@@ -266,14 +272,33 @@ pub struct Attempt<'a> {
 impl Attempt<'_> {
     /// Records a failed login; returns how long to wait before answering.
     /// Keep the attempt alive while waiting: gated attempts behind it wait too.
-    pub fn failed(&self) -> Duration {
-        self.throttle.failed(self.ip, &self.user)
+    pub async fn failed(&self) -> Duration {
+        let local = self.throttle.count_failure(self.ip, &self.user);
+        let fleet = match &self.throttle.shared {
+            Some(shared) if shared.is_up() => {
+                match shared.fail(self.ip, &self.user, self.throttle.config.forget_after).await {
+                    Ok((by_ip, by_user)) => {
+                        self.throttle.adopt(self.ip, &self.user, by_ip, by_user);
+                        by_ip.max(by_user)
+                    }
+                    Err(_) => 0,
+                }
+            }
+            _ => 0,
+        };
+        self.throttle.delay_for(local.max(fleet))
     }
 
     /// A successful login clears the username's record (not the address's:
     /// one good password must not let an address keep guessing others).
     pub fn succeeded(&self) {
         self.throttle.succeeded(&self.user);
+        if let Some(shared) = self.throttle.shared.clone().filter(|s| s.is_up()) {
+            let user = self.user.clone();
+            tokio::spawn(async move {
+                let _ = shared.clear_user(&user).await;
+            });
+        }
     }
 }
 
@@ -290,7 +315,33 @@ impl Drop for Attempt<'_> {
 
 impl LoginThrottler {
     pub fn new(config: LoginThrottle) -> Self {
-        LoginThrottler { config, by_ip: Mutex::new(HashMap::new()), by_user: Mutex::new(HashMap::new()) }
+        LoginThrottler { config, by_ip: Mutex::new(HashMap::new()), by_user: Mutex::new(HashMap::new()), shared: None }
+    }
+
+    /// Counts failures for the whole fleet in the shared state as well.
+    pub fn with_shared(mut self, shared: Option<Arc<crate::state::SharedState>>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Takes the fleet's counts where they are higher than this replica's,
+    /// as failures seen just now (they are forgotten `forget_after` later).
+    fn adopt(&self, ip: IpAddr, user: &str, by_ip: u32, by_user: u32) {
+        let now = Instant::now();
+        if by_ip > 0 {
+            self.raise(&mut self.by_ip.lock().unwrap_or_else(|e| e.into_inner()), &ip, by_ip, now);
+        }
+        if by_user > 0 {
+            self.raise(&mut self.by_user.lock().unwrap_or_else(|e| e.into_inner()), &user.to_string(), by_user, now);
+        }
+    }
+
+    fn raise<K: Hash + Eq + Clone>(&self, map: &mut HashMap<K, Record>, key: &K, n: u32, now: Instant) {
+        let record = self.record(map, key, now);
+        if n > record.failures {
+            record.failures = n;
+            record.last = now;
+        }
     }
 
     /// Admits an attempt from `ip` for `username`, waiting behind the
@@ -298,6 +349,11 @@ impl LoginThrottler {
     /// is always passed first, so two attempts never wait for each other.
     pub async fn admit(&self, ip: IpAddr, username: &str) -> Attempt<'_> {
         let user = username.to_lowercase();
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.is_up()) {
+            if let Ok((by_ip, by_user)) = shared.failures(ip, &user).await {
+                self.adopt(ip, &user, by_ip, by_user);
+            }
+        }
         let by_ip = self.pass(&self.by_ip, &ip).await;
         let by_user = self.pass(&self.by_user, &user).await;
         Attempt { throttle: self, ip, user, passes: [by_ip, by_user] }
@@ -358,9 +414,14 @@ impl LoginThrottler {
 
     /// Records a failed login and returns how long to wait before answering.
     pub fn failed(&self, ip: IpAddr, username: &str) -> Duration {
+        self.delay_for(self.count_failure(ip, username))
+    }
+
+    /// Records a failed login in this replica's records; the higher count.
+    fn count_failure(&self, ip: IpAddr, username: &str) -> u32 {
         let by_ip = self.bump(&self.by_ip, &ip);
         let by_user = self.bump(&self.by_user, &username.to_lowercase());
-        self.delay_for(by_ip.max(by_user))
+        by_ip.max(by_user)
     }
 
     fn delay_for(&self, failures: u32) -> Duration {
@@ -478,7 +539,7 @@ mod tests {
                 let t = t.clone();
                 tokio::spawn(async move {
                     let attempt = t.admit(ip, &format!("guess{i}")).await;
-                    let delay = attempt.failed();
+                    let delay = attempt.failed().await;
                     tokio::time::sleep(delay).await;
                     started.elapsed()
                 })

@@ -1,6 +1,8 @@
 //! The listeners: bind, accept, one task per connection, graceful drain.
 
+mod balancer;
 mod caps;
+pub mod fleet;
 pub mod limits;
 mod local_tls;
 mod session;
@@ -22,7 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long sessions get to wind down once the shutdown deadline has passed.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
@@ -35,7 +37,11 @@ pub struct Shared {
     /// Outlives reloads, with its memory of recent successful logins.
     pub verifier: crate::verifier::Verifier,
     pub throttle: LoginThrottler,
-    pub mailboxes: MailboxLimiter,
+    /// Upstream sessions per mailbox: this process's counts, or the
+    /// fleet's (`state:`), behind one interface.
+    pub mailboxes: Arc<dyn fleet::SessionSlots>,
+    /// With `state:`, the link to the replicas' Redis.
+    pub state: Option<Arc<crate::state::SharedState>>,
 }
 
 impl Shared {
@@ -64,6 +70,8 @@ pub enum StartError {
     Bind { listener: String, addr: SocketAddr, source: std::io::Error },
     #[error("listener {listener}: {source}")]
     Listener { listener: String, source: BadServerName },
+    #[error("state: {0}")]
+    State(#[from] crate::state::StateError),
 }
 
 pub struct Proxy {
@@ -79,15 +87,26 @@ impl Proxy {
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
         tls::install_default_provider();
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
-        let tokens = crate::token::manager_for(config, client_tls.clone())?;
+        let state = match &config.state {
+            Some(state) => Some(crate::state::SharedState::connect(state).await?),
+            None => None,
+        };
+        let tokens = crate::token::manager_with(
+            config,
+            crate::token::shared_context_for(config, client_tls.clone(), state.clone())?,
+        )?;
         let accounts = Accounts::from_config(config);
         let verifier = crate::verifier::Verifier::start(&config.password_verification);
         let shared = Arc::new(Shared {
             accounts: RwLock::new(Arc::new(accounts)),
             tokens,
             verifier,
-            throttle: LoginThrottler::new(config.login_throttle.clone()),
-            mailboxes: MailboxLimiter::new(),
+            throttle: LoginThrottler::new(config.login_throttle.clone()).with_shared(state.clone()),
+            mailboxes: match &state {
+                Some(state) => Arc::new(fleet::FleetSlots::new(state.clone(), Arc::new(MailboxLimiter::new()))),
+                None => Arc::new(MailboxLimiter::new()),
+            },
+            state,
         });
         let mut certificates = Certificates::default();
         let mut listeners = Vec::new();
@@ -137,6 +156,12 @@ impl Proxy {
     /// The token cache the sessions use (for the service status line).
     pub fn tokens(&self) -> TokenManager {
         self.shared.tokens.clone()
+    }
+
+    /// With `state:`, the link to the replicas' Redis: whether it is in use
+    /// (`is_up`) is what `/readyz` and the metrics report.
+    pub fn shared_state(&self) -> Option<Arc<crate::state::SharedState>> {
+        self.shared.state.clone()
     }
 
     /// A handle that applies a re-read configuration while [`Proxy::run`] owns the proxy.
@@ -266,31 +291,33 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
             accepted = socket.accept() => accepted,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                let allowed = &ctx.config.allow_from;
-                if !allowed.is_empty() && !allowed.iter().any(|range| range.contains(peer.ip())) {
-                    info!(listener = %ctx.config.name, client.addr = %peer, "connection refused: address not in allow_from");
+            Ok((mut tcp, peer)) => {
+                let Some(from) = &ctx.config.proxy_protocol_from else {
+                    admit(&ctx, tcp, peer, &signals, &tracker);
+                    continue;
+                };
+                if !balancer::trusted(from, peer) {
+                    warn!(listener = %ctx.config.name, balancer.addr = %peer, "connection refused: PROXY protocol is only accepted from proxy_protocol_from, which does not list this address");
                     continue;
                 }
-                let admitted = match ctx.connections.try_admit(peer.ip()) {
-                    Ok(guard) => guard,
-                    Err(refusal) => {
-                        let (what, limit) = match refusal {
-                            Refusal::ListenerFull => ("max_connections", ctx.config.limits.max_connections),
-                            Refusal::AddressFull => {
-                                ("max_connections_per_ip", ctx.config.limits.max_connections_per_ip)
-                            }
-                        };
-                        warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
-                        tracker.spawn(turn_away(ctx.clone(), tcp, Failure::TooManyConnections));
-                        continue;
-                    }
-                };
-                let open = signals.session_opened();
-                let (ctx, signals) = (ctx.clone(), signals.clone());
+                // The header is read in the connection's own task: a slow
+                // balancer connection must not hold up the accept loop.
+                let (ctx, signals, inner) = (ctx.clone(), signals.clone(), tracker.clone());
                 tracker.spawn(async move {
-                    let _held = (open, admitted);
-                    dispatch(ctx, tcp, peer, signals).await;
+                    let timeout = balancer::HEADER_TIMEOUT.min(ctx.config.limits.preauth_timeout);
+                    let client = tokio::select! {
+                        _ = signals.drain.cancelled() => return,
+                        client = balancer::client_addr(&mut tcp, peer, timeout) => client,
+                    };
+                    match client {
+                        Ok(client) => {
+                            debug!(listener = %ctx.config.name, client.addr = %client, balancer.addr = %peer, "PROXY protocol header read");
+                            admit(&ctx, tcp, client, &signals, &inner);
+                        }
+                        Err(e) => {
+                            warn!(listener = %ctx.config.name, balancer.addr = %peer, error = %e, "connection refused: no valid PROXY protocol header");
+                        }
+                    }
                 });
             }
             Err(e) if crate::upstream::is_exhaustion(&e) => {
@@ -314,6 +341,34 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerCtx>, signals: Signal
             }
         }
     }
+}
+
+/// Admits a connection from `peer` (the real client's address, behind a
+/// balancer): `allow_from`, the connection caps, then its session task.
+fn admit(ctx: &Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: &Signals, tracker: &TaskTracker) {
+    let allowed = &ctx.config.allow_from;
+    if !allowed.is_empty() && !allowed.iter().any(|range| range.contains(peer.ip())) {
+        info!(listener = %ctx.config.name, client.addr = %peer, "connection refused: address not in allow_from");
+        return;
+    }
+    let admitted = match ctx.connections.try_admit(peer.ip()) {
+        Ok(guard) => guard,
+        Err(refusal) => {
+            let (what, limit) = match refusal {
+                Refusal::ListenerFull => ("max_connections", ctx.config.limits.max_connections),
+                Refusal::AddressFull => ("max_connections_per_ip", ctx.config.limits.max_connections_per_ip),
+            };
+            warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
+            tracker.spawn(turn_away(ctx.clone(), tcp, Failure::TooManyConnections));
+            return;
+        }
+    };
+    let open = signals.session_opened();
+    let (ctx, signals) = (ctx.clone(), signals.clone());
+    tracker.spawn(async move {
+        let _held = (open, admitted);
+        dispatch(ctx, tcp, peer, signals).await;
+    });
 }
 
 /// Tells a client turned away at accept why, then hangs up. (On an

@@ -2,7 +2,8 @@
 //! then the splice. Generic over the protocol's [`Spec`]; nothing here
 //! depends on which protocol it is.
 
-use super::limits::{MailboxBusy, MailboxGuard};
+use super::fleet::SessionSlot;
+use super::limits::MailboxBusy;
 use super::stream::ClientStream;
 use super::ListenerCtx;
 use crate::accounts::AuthError;
@@ -490,7 +491,7 @@ impl<P: Spec> Login<'_, P> {
                 return Err(Failure::Temporary);
             }
             Err(e) => {
-                let delay = attempt.failed();
+                let delay = attempt.failed().await;
                 // One line per failure, with the address and username, for fail2ban.
                 warn!(
                     client.ip = %self.peer.ip(),
@@ -587,5 +588,5 @@ impl<P: Spec> Login<'_, P> {
 /// place it holds until the splice ends.
 struct LoggedIn<P: Spec> {
     upstream: Authenticated<<P::Client as crate::protocol::Dialogue>::Success>,
-    slot: MailboxGuard,
+    slot: SessionSlot,
 }

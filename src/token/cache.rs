@@ -276,6 +276,10 @@ impl TokenManager {
                 state.current = None;
                 state.retry_at = None;
             }
+            drop(state);
+            if let Some(entry) = self.inner.identities.get(&*key.identity) {
+                entry.source.refused(key.account.as_deref(), token.expose());
+            }
         }
     }
 

@@ -9,6 +9,7 @@ pub mod assertion;
 mod cache;
 pub mod entra;
 pub mod provider;
+pub mod shared;
 pub mod store;
 
 pub use cache::TokenManager;
@@ -60,6 +61,10 @@ pub struct FreshToken {
 pub trait TokenSource: Send + Sync {
     /// `account` names the account for delegated flows; app-only sources ignore it.
     fn fetch<'a>(&'a self, account: Option<&'a str>) -> BoxFuture<'a, Result<FreshToken, TokenError>>;
+
+    /// The upstream refused `token`: a source that shares tokens must not
+    /// hand it out again.
+    fn refused(&self, _account: Option<&str>, _token: &str) {}
 }
 
 /// A cached access token. Cloning shares it.
@@ -179,17 +184,47 @@ pub fn context_for(
         tls,
         store,
         notifier: Arc::new(provider::ReauthNotifier::new(config.on_reauth_required.clone(), &config.source)),
+        shared: None,
     })
+}
+
+/// [`context_for`], with the replicas' shared state when `state:` is set
+/// (it seals with the token store's key, which `state:` requires).
+pub fn shared_context_for(
+    config: &crate::config::Config,
+    tls: Arc<rustls::ClientConfig>,
+    state: Option<Arc<crate::state::SharedState>>,
+) -> Result<provider::SourceContext, TokenError> {
+    let mut ctx = context_for(config, tls)?;
+    if let (Some(state), Some(store)) = (state, &ctx.store) {
+        ctx.shared = Some(shared::SharedTokens::new(state, store.clone()));
+    }
+    Ok(ctx)
 }
 
 /// The token manager for a config: one source per identity.
 pub fn manager_for(config: &crate::config::Config, tls: Arc<rustls::ClientConfig>) -> Result<TokenManager, TokenError> {
-    let ctx = context_for(config, tls)?;
+    manager_with(config, context_for(config, tls)?)
+}
+
+/// The token manager over a prepared context: with shared state, every
+/// source is wrapped so that the replicas make one request between them.
+pub fn manager_with(config: &crate::config::Config, ctx: provider::SourceContext) -> Result<TokenManager, TokenError> {
     let mut builder = TokenManager::builder();
     for identity in config.identities.values() {
         let source = provider::source_for(identity, &ctx)?;
         let delegated = matches!(source, provider::Source::Delegated(_));
-        builder.add_identity(&identity.name, source.as_dyn(), identity.min_token_lifetime, delegated);
+        let source = match &ctx.shared {
+            Some(shared) => Arc::new(shared::SharedSource::new(
+                source.as_dyn(),
+                &identity.name,
+                delegated,
+                identity.min_token_lifetime,
+                shared.clone(),
+            )) as Arc<dyn TokenSource>,
+            None => source.as_dyn(),
+        };
+        builder.add_identity(&identity.name, source, identity.min_token_lifetime, delegated);
     }
     Ok(builder.build())
 }

@@ -114,6 +114,10 @@ pub(super) fn validate(
         if l.allow_from.as_ref().is_some_and(|a| a.is_empty()) {
             cx.add(at("allow_from"), "an empty list would refuse every client; remove the key to allow all");
         }
+        let proxy_protocol_from = proxy_protocol(&l, i, cx);
+        // Behind a balancer, a loopback bind says nothing about where the
+        // client's password travelled: the loopback exemption does not apply.
+        let plaintext_allowed = if proxy_protocol_from.is_some() { allow_plaintext } else { plaintext_allowed };
         if let (Some(bind), Some(upstream)) = (bind, upstream) {
             listeners.push(ListenerConfig {
                 name: l.name,
@@ -130,6 +134,7 @@ pub(super) fn validate(
                 max_sessions_per_mailbox,
                 session_wait,
                 broken_sasl_auth_clients,
+                proxy_protocol_from,
                 limits,
             });
         }
@@ -165,6 +170,40 @@ fn legacy_warning(name: &str) -> String {
          forward secrecy: a recorded session can be decrypted later with the key) and CBC suites with SHA-1 MACs; \
          acceptable only on a trusted segment such as a printer VLAN"
     )
+}
+
+/// `proxy_protocol: true` with the balancers that may send the header.
+fn proxy_protocol(l: &RawListener, i: usize, cx: &mut Ctx) -> Option<Vec<Cidr>> {
+    let at = |key: &str| format!("listeners[{i}].{key}");
+    let enabled = l.proxy_protocol.unwrap_or(false);
+    match (&l.proxy_protocol_from, enabled) {
+        (None, false) => None,
+        (Some(_), false) => {
+            cx.add(at("proxy_protocol_from"), "is only used with proxy_protocol: true");
+            None
+        }
+        (None, true) => {
+            cx.add(
+                at("proxy_protocol_from"),
+                "proxy_protocol: true needs the balancers' addresses (e.g. [10.0.0.5/32]): a header from anyone \
+                 else would let a client choose the address the proxy sees",
+            );
+            None
+        }
+        (Some(list), true) => {
+            if list.is_empty() {
+                cx.add(at("proxy_protocol_from"), "must list at least one balancer address");
+            }
+            let mut ranges = Vec::new();
+            for (j, range) in list.iter().enumerate() {
+                match range.parse::<Cidr>() {
+                    Ok(c) => ranges.push(c),
+                    Err(e) => cx.add(format!("listeners[{i}].proxy_protocol_from[{j}]"), e),
+                }
+            }
+            Some(ranges)
+        }
+    }
 }
 
 fn limits(l: &RawListener, at: &dyn Fn(&str) -> String, cx: &mut Ctx) -> Limits {

@@ -5,6 +5,7 @@
 mod accounts;
 mod identities;
 mod listeners;
+mod state;
 
 use super::raw::{self, RawConfig};
 use super::{
@@ -54,6 +55,21 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
     }
     let login_throttle = login_throttle(raw.login_throttle, &mut cx);
     let password_verification = password_verification(raw.password_verification, &mut cx);
+    let state = raw.state.map(|s| state::validate(s, &identities, &mut cx));
+    if state.is_some() {
+        match &token_store {
+            None => cx.add(
+                "state",
+                "needs token_store: its key seals the tokens Redis holds (set token_store with the same key on every replica)",
+            ),
+            Some(store) if matches!(store.key, TokenStoreKey::File(_)) => cx.warnings.push(
+                "state: every replica must use the same token_store key; with a key_file, copy the same file to every \
+                 replica (or use token_store.key: ${VAR}), or they cannot read each other's tokens"
+                    .to_string(),
+            ),
+            Some(_) => {}
+        }
+    }
     let log = LogConfig {
         level: raw.log.level.unwrap_or(raw::LogLevel::Info),
         format: raw.log.format.unwrap_or(raw::LogFormat::Text),
@@ -76,6 +92,7 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
         session_wait,
         login_throttle,
         password_verification,
+        state,
         warnings: cx.warnings,
     })
 }
