@@ -72,14 +72,20 @@ pub fn context(cert_file: &Path, key_file: &Path) -> Result<SslContext, TlsError
     for cert in chain {
         b.add_extra_chain_cert(cert).map_err(|e| fail(&cert_file.display().to_string(), e))?;
     }
-    b.set_private_key(&key).map_err(|e| fail(&key_file.display().to_string(), e))?;
-    b.check_private_key().map_err(|_| {
+    let mismatch = || {
         TlsError::Legacy(format!(
             "{} does not belong to the certificate in {}",
             key_file.display(),
             cert_file.display()
         ))
+    };
+    // OpenSSL 3.6 compares the key with the certificate already here; older
+    // releases only in check_private_key.
+    b.set_private_key(&key).map_err(|e| match e.to_string().contains("key values mismatch") {
+        true => mismatch(),
+        false => fail(&key_file.display().to_string(), e),
     })?;
+    b.check_private_key().map_err(|_| mismatch())?;
     Ok(b.build())
 }
 
@@ -94,10 +100,9 @@ fn load_chain(path: &Path) -> Result<(X509, Vec<X509>), TlsError> {
         .map_err(|e| TlsError::Pem { path: path.to_path_buf(), message: format!("invalid PEM: {e}") })?
         .into_iter();
     let leaf = certs.next().ok_or_else(|| TlsError::NoCertificates { path: path.to_path_buf() })?;
-    let public = leaf.public_key().map_err(|e| TlsError::Pem {
-        path: path.to_path_buf(),
-        message: format!("unreadable public key: {e}"),
-    })?;
+    let public = leaf
+        .public_key()
+        .map_err(|e| TlsError::Pem { path: path.to_path_buf(), message: format!("unreadable public key: {e}") })?;
     if public.id() != Id::RSA {
         return Err(TlsError::NotRsa { path: path.to_path_buf(), found: key_kind(public.id()) });
     }
