@@ -35,10 +35,7 @@ pub enum TlsError {
     /// OpenSSL's own complaint, with the file it concerns.
     #[error("{0}")]
     Legacy(String),
-    #[error(
-        "the legacy TLS profile is not in this build (cargo feature {})",
-        crate::config::LEGACY_FEATURE
-    )]
+    #[error("the legacy TLS profile is not in this build (cargo feature {})", crate::config::LEGACY_FEATURE)]
     LegacyUnavailable,
 }
 

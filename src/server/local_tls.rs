@@ -92,7 +92,8 @@ impl Certificates {
     pub fn prepare(&self, config: &Config) -> Result<Fresh<'_>, TlsError> {
         let mut fresh = Vec::new();
         for slot in &self.slots {
-            let files = config.listeners.iter().find(|l| l.name == slot.listener).and_then(|l| config.local_tls_files(l));
+            let files =
+                config.listeners.iter().find(|l| l.name == slot.listener).and_then(|l| config.local_tls_files(l));
             if let Some(files) = files {
                 fresh.push((slot, ServerTls::load(slot.profile, files)?));
             }

@@ -111,11 +111,8 @@ impl Proxy {
         let mut certificates = Certificates::default();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let socket = listen(l).map_err(|source| StartError::Bind {
-                listener: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
+            let socket =
+                listen(l).map_err(|source| StartError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
             let upstream = Upstream::new(l, client_tls.clone())
                 .map_err(|source| StartError::Listener { listener: l.name.clone(), source })?;
             let local_tls = certificates.for_listener(config, l)?;
@@ -208,10 +205,7 @@ impl Proxy {
 /// The kernel's cap on a listener's accept queue (`net.core.somaxconn`);
 /// Linux's default since 5.4 where it cannot be read.
 fn kernel_backlog() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(4096)
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(4096)
 }
 
 /// Binds `l.bind` with an accept queue that holds a burst: std and tokio ask

@@ -400,13 +400,17 @@ impl<P: Spec> Session<'_, P> {
 
     async fn splice(self, logged_in: LoggedIn<P>) {
         let LoggedIn { upstream, slot } = logged_in;
+        // Only what the splice needs lives on with it: the pre-auth reply
+        // buffer would otherwise stay allocated for the session's life.
+        let Session { ctx, stream, inbuf, out, signals, .. } = self;
+        drop(out);
         let stats = splice(
-            self.stream,
-            self.inbuf,
+            stream,
+            inbuf,
             upstream.stream,
             upstream.leftover,
-            self.ctx.config.limits.idle_timeout,
-            self.signals.abort.clone(),
+            ctx.config.limits.idle_timeout,
+            signals.abort.clone(),
         )
         .await;
         // The mailbox's upstream session is over: its place is free again.

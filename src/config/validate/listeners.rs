@@ -53,7 +53,8 @@ pub(super) fn validate(
             }
         };
         let local_tls = l.local_tls.unwrap_or(LocalTls::None);
-        let tls = l.tls.as_ref().map(|t| TlsFiles { cert_file: cx.resolve(&t.cert_file), key_file: cx.resolve(&t.key_file) });
+        let tls =
+            l.tls.as_ref().map(|t| TlsFiles { cert_file: cx.resolve(&t.cert_file), key_file: cx.resolve(&t.key_file) });
         if local_tls != LocalTls::None && !have_certificate && tls.is_none() {
             cx.add(
                 at("local_tls"),
@@ -146,7 +147,10 @@ pub(super) fn validate(
 /// that has OpenSSL, and always with a warning saying what it gives up.
 fn legacy_profile(name: &str, local_tls: LocalTls, at: &dyn Fn(&str) -> String, cx: &mut Ctx) {
     if local_tls == LocalTls::None {
-        cx.add(at("local_tls_profile"), "the legacy profile is a kind of local TLS: set local_tls: implicit, starttls or auto");
+        cx.add(
+            at("local_tls_profile"),
+            "the legacy profile is a kind of local TLS: set local_tls: implicit, starttls or auto",
+        );
         return;
     }
     if !cfg!(feature = "legacy-tls") {
