@@ -14,7 +14,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-pub type UpstreamStream = tokio_rustls::client::TlsStream<TcpStream>;
+mod readahead;
+
+pub use readahead::ReadAhead;
+
+/// The upstream's TLS session over a socket read in large chunks.
+pub type UpstreamStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -197,7 +202,7 @@ impl Upstream {
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
-        tokio::time::timeout(self.timeout, self.connector.connect(self.server_name.clone(), tcp))
+        tokio::time::timeout(self.timeout, self.connector.connect(self.server_name.clone(), ReadAhead::new(tcp)))
             .await
             .map_err(|_| UpstreamError::Timeout { phase: "in the TLS handshake" })?
             .map_err(UpstreamError::Tls)
