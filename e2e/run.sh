@@ -8,12 +8,13 @@
 #   bash e2e/run.sh 'imap-*' ...      only the scenarios matching these globs
 #   python3 e2e/scenarios.py --list   the scenario names
 #
-# A private Postfix relays through the proxy (a site's smarthost set-up), and mbsync
-# pulls a mailbox through it.
+# A private Postfix relays through the proxy (a site's smarthost set-up), mbsync
+# pulls a mailbox through it, and a private Prometheus scrapes its admin listener.
 #
 # Environment: E2E_PROXY_BIN=path   use this binary instead of `cargo build --release`
 #              E2E_KEEP=1           keep the work directory (configs, logs, mail) afterwards
 #              E2E_DEBUG=1          debug logging in Dovecot and the proxy
+#              E2E_PROMETHEUS=0     leave Prometheus out (the metrics-prometheus scenario then fails)
 #              E2E_PENDING=a,b      render the world's parts for these pending issue 10
 #                                   features (world.PENDING); their scenarios run only when named
 set -euo pipefail
@@ -22,7 +23,7 @@ E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$E2E_DIR")
 readonly E2E_DIR REPO_DIR
 readonly PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-submissiond openssl curl python3
-                  postfix libsasl2-modules isync)
+                  postfix libsasl2-modules isync prometheus)
 
 # The scenarios import world.py and harness.py: leave no __pycache__ in the source tree.
 export PYTHONDONTWRITEBYTECODE=1
@@ -47,6 +48,8 @@ install_missing_packages() {
   # that instance is not ours and does not matter: ours has its own ports and base_dir.
   # Postfix is told "No configuration": its postinst then writes no /etc/postfix/main.cf,
   # so the system-wide Postfix has nothing to start. Ours runs from its own directory.
+  # The same goes for Prometheus (it also brings promtool): ours has its own config,
+  # data directory and port.
   if [[ " ${missing[*]} " == *" postfix "* ]]; then
     echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
   fi
@@ -155,6 +158,8 @@ cleanup() {
 
 start_services() {
   local logs=$WORK/logs
+  # Prometheus starts first: it needs a second or two, and scrapes the proxy once it is up.
+  start_prometheus
   start mock-entra "$logs/mock.log" python3 -u "$E2E_DIR/mock_entra.py" --config "$WORK/mock.json" --port "$PORT_MOCK"
   wait_for_port "$PORT_MOCK" mock-entra "${PIDS[-1]}" "$logs/mock.log"
   start smtp-sink "$logs/sink.log" python3 -u "$E2E_DIR/smtp_sink.py" --port "$PORT_SINK" --dir "$WORK/sink"
@@ -174,6 +179,22 @@ start_services() {
   done
 
   start_postfix
+  if [[ ${E2E_PROMETHEUS:-1} != 0 ]]; then
+    wait_for_port "$PORT_PROMETHEUS" prometheus "$PROMETHEUS_PID" "$logs/prometheus.log"
+  fi
+}
+
+# A private Prometheus (WORK/prometheus: world.py's prometheus.yml, its TSDB in data/) on
+# its own loopback port, scraping the proxy's admin listener every second.
+start_prometheus() {
+  local dir=$WORK/prometheus
+  touch "$WORK/logs/prometheus.log"
+  [[ ${E2E_PROMETHEUS:-1} == 0 ]] && return 0
+  promtool check config "$dir/prometheus.yml" >/dev/null || die "promtool rejects $dir/prometheus.yml"
+  start prometheus "$WORK/logs/prometheus.log" prometheus --config.file="$dir/prometheus.yml" \
+    --storage.tsdb.path="$dir/data" --storage.tsdb.retention.time=1h \
+    --web.listen-address="127.0.0.1:$PORT_PROMETHEUS" --log.level=warn
+  PROMETHEUS_PID=${PIDS[-1]}
 }
 
 # `postfix check` makes the private queue's subdirectories (it wants the queue itself

@@ -24,14 +24,18 @@
 //! [`preflight`] (the files a config names), [`tls`], [`secret`] (the
 //! redacting `Secret<T>`), [`text`], [`fsutil`], [`telemetry`], [`doctor`]
 //! (`check --online`'s diagnosis of the path above, and the `setup` guide),
-//! and [`cli`] (one module per subcommand).
+//! [`metrics`] (the counters the path feeds) and [`admin`] (the HTTP
+//! listener serving them with the health checks), and [`cli`] (one module
+//! per subcommand).
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod fsutil;
+pub mod metrics;
 pub mod preflight;
 pub mod protocol;
 pub mod sasl;

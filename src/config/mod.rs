@@ -38,6 +38,8 @@ pub struct Config {
     pub max_sessions_per_mailbox: usize,
     pub login_throttle: LoginThrottle,
     pub password_verification: PasswordVerification,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); off when absent.
+    pub admin: Option<AdminConfig>,
     /// Things that are allowed but deserve the admin's attention.
     pub warnings: Vec<String>,
 }
@@ -129,6 +131,18 @@ impl Default for PasswordVerification {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         PasswordVerification { workers: cores.clamp(1, 16), queue: 64, timeout: Duration::from_secs(10) }
     }
+}
+
+/// Where the admin listener serves `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+impl AdminConfig {
+    /// Loopback, on the port the Prometheus exporter registry lists for no
+    /// one in particular and the packaging's probes use.
+    pub const DEFAULT_BIND: &'static str = "127.0.0.1:9464";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

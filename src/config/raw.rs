@@ -34,6 +34,16 @@ pub struct RawConfig {
     pub login_throttle: Option<RawLoginThrottle>,
     #[serde(default)]
     pub password_verification: Option<RawPasswordVerification>,
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+}
+
+/// The admin listener: metrics and health checks over HTTP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default)]
+    pub bind: Option<String>,
 }
 
 /// The pool that runs argon2 verifications.

@@ -93,6 +93,12 @@ impl ConnectionLimiter {
     pub fn open(&self) -> usize {
         self.counts.get(&None)
     }
+
+    /// New caps over the same counts (a reload): connections already open
+    /// still count against them.
+    pub fn with_limits(&self, max: usize, per_ip: usize) -> Self {
+        ConnectionLimiter { max, per_ip, counts: self.counts.clone() }
+    }
 }
 
 /// Upstream sessions per mailbox, across listeners: Exchange throttles a
@@ -123,6 +129,11 @@ impl MailboxLimiter {
     pub fn try_acquire(&self, mailbox: &str) -> Option<MailboxGuard> {
         let mailbox = mailbox.to_lowercase();
         self.counts.try_take(&mailbox, self.max).then(|| MailboxGuard { mailbox, counts: self.counts.clone() })
+    }
+
+    /// A new cap over the same counts (a reload).
+    pub fn with_max(&self, max: usize) -> Self {
+        MailboxLimiter { max, counts: self.counts.clone() }
     }
 }
 
@@ -156,8 +167,9 @@ const MAX_RECORDS: usize = 50_000;
 #[derive(Debug)]
 pub struct LoginThrottler {
     config: LoginThrottle,
-    by_ip: Mutex<HashMap<IpAddr, Record>>,
-    by_user: Mutex<HashMap<String, Record>>,
+    /// Shared with the throttler a reload makes ([`LoginThrottler::with_config`]).
+    by_ip: Arc<Mutex<HashMap<IpAddr, Record>>>,
+    by_user: Arc<Mutex<HashMap<String, Record>>>,
 }
 
 /// How an attempt got past one record: freely, or holding its gate.
@@ -203,7 +215,13 @@ impl Drop for Attempt<'_> {
 
 impl LoginThrottler {
     pub fn new(config: LoginThrottle) -> Self {
-        LoginThrottler { config, by_ip: Mutex::new(HashMap::new()), by_user: Mutex::new(HashMap::new()) }
+        LoginThrottler { config, by_ip: Arc::default(), by_user: Arc::default() }
+    }
+
+    /// New settings over the same records (a reload): failures already
+    /// counted, and attempts waiting at a gate, carry over.
+    pub fn with_config(&self, config: LoginThrottle) -> Self {
+        LoginThrottler { config, by_ip: self.by_ip.clone(), by_user: self.by_user.clone() }
     }
 
     /// Admits an attempt from `ip` for `username`, waiting behind the

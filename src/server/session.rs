@@ -6,6 +6,7 @@ use super::limits::MailboxGuard;
 use super::stream::ClientStream;
 use super::ListenerCtx;
 use crate::accounts::AuthError;
+use crate::metrics::{LoginResult as Counted, Phase, PhaseGuard};
 use crate::protocol::{Failure, LoginRequest, Next, PreAuth, SessionOptions, Spec, Xoauth2User};
 use crate::sasl::xoauth2;
 use crate::splice::{splice, SpliceEnd};
@@ -69,6 +70,7 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
     );
     async move {
         debug!("connection accepted");
+        let phase = ctx.metrics.session();
         // Absolute, whatever the client does: a slow client cannot hold its
         // connection (and its place under the per-address cap) for longer.
         let deadline = Instant::now() + ctx.config.limits.login_deadline;
@@ -88,6 +90,7 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
             _ => stream,
         };
         Session::<P> {
+            phase,
             ctx: &ctx,
             peer,
             stream,
@@ -106,6 +109,8 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
 }
 
 struct Session<'a, P: Spec> {
+    /// Counts the session in the metrics' phase gauge.
+    phase: PhaseGuard,
     ctx: &'a ListenerCtx,
     peer: SocketAddr,
     stream: ClientStream,
@@ -268,6 +273,7 @@ impl<P: Spec> Session<'_, P> {
                     if !self.flush().await {
                         return;
                     }
+                    self.phase.enter(Phase::Authenticating);
                     let result = {
                         let login = Login::<P> {
                             ctx: self.ctx,
@@ -294,6 +300,7 @@ impl<P: Spec> Session<'_, P> {
                     };
                     match result {
                         Ok(logged_in) => {
+                            self.phase.enter(Phase::Spliced);
                             machine.auth_succeeded(&logged_in.upstream.success, &mut self.out);
                             if !self.flush().await {
                                 return;
@@ -302,6 +309,10 @@ impl<P: Spec> Session<'_, P> {
                             return;
                         }
                         Err(failure) => {
+                            self.phase.enter(Phase::PreAuth);
+                            if matches!(failure, Failure::Timeout | Failure::ShuttingDown) {
+                                self.ctx.metrics.login(Counted::Limit);
+                            }
                             if failure == Failure::Timeout {
                                 info!(reason = "login deadline", "closing the connection before login");
                             }
@@ -330,6 +341,7 @@ impl<P: Spec> Session<'_, P> {
         .await;
         // The mailbox's upstream session is over: its place is free again.
         drop(slot);
+        self.ctx.metrics.spliced(&stats);
         let end = match &stats.end {
             SpliceEnd::Closed => "closed".to_string(),
             SpliceEnd::IdleTimeout => "idle timeout".to_string(),
@@ -407,6 +419,7 @@ impl<P: Spec> Login<'_, P> {
                 warn!(
                     "password verification is overloaded (queue full or too slow); answering with a temporary failure"
                 );
+                self.ctx.metrics.login(Counted::Limit);
                 return Err(Failure::Temporary);
             }
             Err(e) => {
@@ -423,6 +436,7 @@ impl<P: Spec> Login<'_, P> {
                     _ = tokio::time::sleep(delay) => {}
                     _ = self.signals.drain.cancelled() => {}
                 }
+                self.ctx.metrics.login(Counted::BadCredentials);
                 return Err(Failure::AuthFailed);
             }
         };
@@ -431,6 +445,7 @@ impl<P: Spec> Login<'_, P> {
         }
         let Some(slot) = shared.mailboxes.try_acquire(&account.mailbox) else {
             warn!("refused: the mailbox already has max_sessions_per_mailbox upstream sessions");
+            self.ctx.metrics.login(Counted::Limit);
             return Err(Failure::MailboxBusy);
         };
         let key = shared.tokens.key_for(&account.identity, &account.username);
@@ -444,6 +459,7 @@ impl<P: Spec> Login<'_, P> {
                 Ok(token) => token,
                 Err(e) => {
                     error!(identity = %account.identity, error = %e, "cannot obtain an access token");
+                    self.ctx.metrics.login(Counted::TokenUnavailable);
                     return Err(if e.requires_reauthorization() { Failure::AuthFailed } else { Failure::Temporary });
                 }
             };
@@ -453,8 +469,9 @@ impl<P: Spec> Login<'_, P> {
                 client_name: request.client_name.clone(),
                 known_caps: caps.clone(),
             };
-            match self.ctx.upstream.login::<P::Client>(login).await {
+            match self.ctx.metrics.timed(self.ctx.upstream.login::<P::Client>(login)).await {
                 Ok(upstream) => {
+                    self.ctx.metrics.login(Counted::Ok);
                     info!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "logged in: plain login accepted locally, XOAUTH2 accepted upstream");
                     return Ok(LoggedIn { upstream, slot });
                 }
@@ -465,15 +482,22 @@ impl<P: Spec> Login<'_, P> {
                 }
                 Err(LoginError::Rejected(reason)) => {
                     error!(%reason, "upstream refused a fresh access token too; check the app's permissions for this mailbox");
+                    self.ctx.metrics.login(Counted::UpstreamRefused);
                     return Err(Failure::AuthFailed);
                 }
                 Err(LoginError::Temporary(reason)) => {
                     warn!(%reason, "upstream answered with a temporary failure");
+                    self.ctx.metrics.login(Counted::Throttled);
                     return Err(Failure::Temporary);
                 }
                 Err(LoginError::Unavailable(e)) => {
                     let failure = unavailable(&e);
                     error!(upstream = %self.ctx.upstream.addr, error = %e, "{}", failure.as_str());
+                    self.ctx.metrics.login(if failure == Failure::Unavailable {
+                        Counted::UpstreamUnavailable
+                    } else {
+                        Counted::Limit
+                    });
                     return Err(failure);
                 }
             }
