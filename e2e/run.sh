@@ -10,8 +10,11 @@
 #
 # A private Postfix relays through the proxy (a site's smarthost set-up), mbsync
 # pulls a mailbox through it, and a private Prometheus scrapes its admin listener.
+# e2e/fleet.py then runs three replicas sharing a private redis-server behind a
+# private HAProxy (the fleet-* scenarios).
 #
-# Environment: E2E_PROXY_BIN=path   use this binary instead of `cargo build --release`
+# Environment: E2E_PROXY_BIN=path   use this binary (built with --features legacy-tls)
+#                                    instead of `cargo build --release --features legacy-tls`
 #              E2E_KEEP=1           keep the work directory (configs, logs, mail) afterwards
 #              E2E_DEBUG=1          debug logging in Dovecot and the proxy
 #              E2E_PROMETHEUS=0     leave Prometheus out (the metrics-prometheus scenario then fails)
@@ -23,7 +26,7 @@ E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$E2E_DIR")
 readonly E2E_DIR REPO_DIR
 readonly PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-submissiond openssl curl python3
-                  postfix libsasl2-modules isync prometheus)
+                  postfix libsasl2-modules isync redis-server haproxy prometheus)
 
 # The scenarios import world.py and harness.py: leave no __pycache__ in the source tree.
 export PYTHONDONTWRITEBYTECODE=1
@@ -62,11 +65,14 @@ build_proxy() {
   if [[ -n ${E2E_PROXY_BIN:-} ]]; then
     PROXY_BIN=$E2E_PROXY_BIN
   else
-    say "building the proxy (cargo build --release)"
-    cargo build --release --quiet --manifest-path "$REPO_DIR/Cargo.toml"
+    say "building the proxy (cargo build --release --features legacy-tls)"
+    cargo build --release --quiet --features legacy-tls --manifest-path "$REPO_DIR/Cargo.toml"
     PROXY_BIN=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/xoauth2-proxy
   fi
   [[ -x $PROXY_BIN ]] || die "no proxy binary at $PROXY_BIN"
+  # The world has listeners on the legacy TLS profile (world.LEGACY_LISTENERS).
+  [[ $("$PROXY_BIN" --version) == *legacy-tls* ]] ||
+    die "$PROXY_BIN was built without --features legacy-tls, which the tls-legacy-* listeners need"
 }
 
 # A CA and a server certificate for 127.0.0.1, made for this run only. The proxy trusts
@@ -92,9 +98,8 @@ make_pki() {
     -days 2 -out "$dir/proxy.pem" -extfile <(printf '%s\n' \
       'subjectAltName=DNS:proxy.example.test,IP:127.0.0.1' 'basicConstraints=critical,CA:FALSE' \
       'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth') 2>/dev/null
-  # The same with an RSA key, for old clients' RSA key exchange: only the pending
-  # legacy-tls scenarios use it (world.PENDING), and the key takes a second or two.
-  [[ ,${E2E_PENDING:-}, == *,legacy-tls,* ]] || return 0
+  # The same with an RSA key, for old clients' RSA key exchange: the listeners on the
+  # legacy TLS profile (world.LEGACY_LISTENERS) serve it.
   openssl req -new -newkey rsa:2048 -nodes \
     -subj '/CN=proxy.example.test' -keyout "$dir/proxy-rsa-key.pem" -out "$dir/proxy-rsa.csr" 2>/dev/null
   openssl x509 -req -in "$dir/proxy-rsa.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
@@ -234,7 +239,19 @@ main() {
   POSTFIX_PREPARED=$!
   start_services
   say "environment ready after $((SECONDS - STARTED_AT)) s; running scenarios"
-  python3 "$E2E_DIR/scenarios.py" --env "$WORK/env.json" "$@"
+  # fleet-* scenarios (e2e/fleet.py: three replicas, Redis, HAProxy) run after the others,
+  # against the same Dovecot and mock; a glob starting with "fleet" selects only them.
+  local main_patterns=() fleet_patterns=() pattern status=0
+  for pattern in "$@"; do
+    if [[ $pattern == fleet* ]]; then fleet_patterns+=("$pattern"); else main_patterns+=("$pattern"); fi
+  done
+  if (($# == 0 || ${#main_patterns[@]} > 0)); then
+    python3 "$E2E_DIR/scenarios.py" --env "$WORK/env.json" "${main_patterns[@]}" || status=$?
+  fi
+  if (($# == 0 || ${#fleet_patterns[@]} > 0)); then
+    python3 "$E2E_DIR/fleet.py" --env "$WORK/env.json" "${fleet_patterns[@]}" || status=$?
+  fi
+  return "$status"
 }
 
 main "$@"

@@ -21,11 +21,13 @@ import poplib
 import re
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -90,7 +92,7 @@ def scenario(name: str, phase: str = "main", default: bool = True, pending: str 
 
     def register(fn):
         SCENARIOS.append(Scenario(name, functools.partial(fn, **bound) if bound else fn, phase,
-                                  default and pending is None, pending))
+                                  default and (pending is None or pending in world.LANDED), pending))
         return fn
     return register
 
@@ -537,9 +539,10 @@ per_protocol(upstream_temporary, "upstream-temporary-failure")
 
 def token_failure(ctx: Context, protocol: str, identity: str, kind: str, fault: str | None = None) -> str:
     """Logs in while the token endpoint misbehaves: the answer is the `kind` row, it comes
-    within token_timeout (plus slack), and the proxy asked the endpoint once."""
+    within token_timeout (plus slack), and the proxy asked the endpoint once for the
+    whole family: the first login's request fails, and the logins after it, inside the
+    backoff that follows, share that failure at once."""
     acct = next(a for a in A.values() if a.identity == identity)
-    requests = ctx.mock.token_requests(identity)
     if fault:
         ctx.mock.fault(identity, fault, delay=4)
     try:
@@ -552,26 +555,38 @@ def token_failure(ctx: Context, protocol: str, identity: str, kind: str, fault: 
     timeout = float(IDENTITIES[identity].token_timeout.rstrip("s"))
     check(elapsed < timeout + 3, f"the answer took {elapsed:.1f}s (token_timeout {timeout:.0f}s)")
     if IDENTITIES[identity].reachable:
-        check(ctx.mock.token_requests(identity) == requests + 1, "not exactly one token request")
+        asked = ctx.mock.token_requests(identity)
+        check(asked == 1, f"the endpoint was asked {asked} times for this identity, not once")
     return f"{answer.strip()} after {elapsed:.1f}s"
 
 
-# The faulty identity never obtains a token before token-endpoint-recovers, so every
-# one of these logins has no valid token to fall back on.
+# Each family has its own identity, which never obtains a token before
+# token-endpoint-recovers, so every one of these logins has no valid token to fall back on.
 per_protocol(token_failure, "token-endpoint-500", identity="faulty", kind="temporary", fault="500")
-per_protocol(token_failure, "token-endpoint-slow", identity="faulty", kind="temporary", fault="slow")
+per_protocol(token_failure, "token-endpoint-slow", identity="slowpoke", kind="temporary", fault="slow")
 per_protocol(token_failure, "token-endpoint-unreachable", identity="unreachable", kind="temporary")
 # invalid_grant means a human must act (DESIGN.md): not a temporary failure.
-per_protocol(token_failure, "token-endpoint-invalid-grant", identity="faulty", kind="auth-failed",
+per_protocol(token_failure, "token-endpoint-invalid-grant", identity="grantless", kind="auth-failed",
              fault="invalid_grant")
 
 
 @scenario("token-endpoint-recovers")
 def token_endpoint_recovers(ctx: Context):
-    """Once the token endpoint answers again, the same account logs in everywhere."""
-    acct = A["faulty"]
+    """Once the token endpoint answers again, the same account logs in everywhere: at the
+    latest when the backoff step that follows its failure ends (5 s, +-20%)."""
+    acct, started = A["faulty"], time.monotonic()
+
+    def logged_in():
+        try:
+            return ctx.attempt.expect("imap", "ok", acct.username, acct.password)
+        except Failed:
+            return None
+
+    wait_until(logged_in, 10, "a login once the backoff ended", interval=0.5)
+    recovered = time.monotonic() - started
     for protocol in PROTOCOLS:
         ctx.attempt.expect(protocol, "ok", acct.username, acct.password)
+    return f"logged in {recovered:.1f}s after the endpoint recovered"
 
 
 @scenario("token-endpoint-down-valid-token", phase="background")
@@ -1200,13 +1215,23 @@ variants(pop3_quirk,
 
 # ---- TLS towards local clients: what old TLS stacks get -----------------------------
 
-def openssl_client(ctx: Context, port: int, version: str, stdin: bytes = b"") -> tuple[int, str]:
+LEGACY_CIPHER = "AES128-SHA:@SECLEVEL=0"
+
+
+def openssl_command(ctx: Context, port: int, version: str, starttls: str | None = None) -> list[str]:
     """Debian's `openssl s_client` with an old TLS version and RSA key exchange, as a
-    2010s printer offers (AES128-SHA; SECLEVEL 0 lets OpenSSL 3 offer it at all). Returns
-    (exit status, output)."""
-    result = subprocess.run(["openssl", "s_client", "-connect", f"{ctx.env.host}:{port}", f"-{version}",
-                             "-cipher", "AES128-SHA:@SECLEVEL=0", "-CAfile", ctx.env.ca_file, "-crlf",
-                             "-ign_eof", "-quiet"], input=stdin, capture_output=True, timeout=TIMEOUT)
+    2010s printer offers (AES128-SHA; SECLEVEL 0 lets OpenSSL 3 offer it at all),
+    verifying the proxy's certificate against the run's CA."""
+    return ["openssl", "s_client", "-connect", f"{ctx.env.host}:{port}", f"-{version}", "-cipher", LEGACY_CIPHER,
+            "-CAfile", ctx.env.ca_file, "-verify_return_error", "-crlf", "-ign_eof", "-quiet",
+            *(["-starttls", starttls] if starttls else [])]
+
+
+def openssl_client(ctx: Context, port: int, version: str, stdin: bytes = b"",
+                   starttls: str | None = None) -> tuple[int, str]:
+    """Runs openssl_command with `stdin`; returns (exit status, output)."""
+    result = subprocess.run(openssl_command(ctx, port, version, starttls), input=stdin, capture_output=True,
+                            timeout=TIMEOUT)
     return result.returncode, (result.stdout + result.stderr).decode("utf-8", "replace")
 
 
@@ -1225,23 +1250,49 @@ def tls_legacy_refused(ctx: Context):
     return ", ".join(answers)
 
 
-def tls_legacy_login(ctx: Context, version: str):
+def tls_legacy_login(ctx: Context, version: str, kind: str = "legacy", starttls: str | None = None):
     """A legacy listener (OpenSSL, TLS 1.0/1.1, RSA key exchange) takes the old handshake,
-    a LOGIN, and serves a FETCH byte for byte."""
+    implicit or after STARTTLS, a LOGIN, and serves a FETCH byte for byte."""
     acct, data = A["printer"], message(new_id())
     uid = ctx.clients.append(acct, data)
     commands = (f"a1 LOGIN {acct.username} \"{acct.password}\"\na2 SELECT INBOX\n"
                 f"a3 UID FETCH {uid} (BODY.PEEK[])\na4 LOGOUT\n").replace('\\', '\\\\').encode()
-    status, output = openssl_client(ctx, ctx.env.proxy_port("imap", "legacy"), version, commands)
+    status, output = openssl_client(ctx, ctx.env.proxy_port("imap", kind), version, commands, starttls)
     for tag in ["a1", "a2", "a3"]:
         check(re.search(rf"^{tag} OK", output, re.MULTILINE), f"-{version}: no {tag} OK: {tail(output, 6)}")
     check(data.decode() in output.replace("\r\n", "\n").replace("\n", "\r\n"),
           f"-{version}: the FETCHed message is not the one APPENDed")
-    return f"-{version} AES128-SHA: LOGIN, SELECT, FETCH"
+    return f"-{version}{' -starttls imap' if starttls else ''} AES128-SHA: LOGIN, SELECT, FETCH"
 
 
 variants(tls_legacy_login, ("tls-legacy-profile-tls1", {"version": "tls1"}),
-         ("tls-legacy-profile-tls1_1", {"version": "tls1_1"}), pending="legacy-tls")
+         ("tls-legacy-profile-tls1_1", {"version": "tls1_1"}),
+         ("tls-legacy-profile-starttls-imap", {"version": "tls1", "kind": "legacystarttls", "starttls": "imap"}))
+
+
+@scenario("tls-legacy-profile-smtp-printer")
+def tls_legacy_smtp(ctx: Context):
+    """What a scan-to-email printer does: Python's smtplib with a TLS stack limited to
+    TLS 1.0 and AES128-SHA (RSA key exchange, SHA-1 MAC), STARTTLS on the legacy SMTP
+    listener, AUTH PLAIN, one message that arrives byte for byte."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with warnings.catch_warnings():  # Python deprecates TLSv1, which is the point here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tls.minimum_version = tls.maximum_version = ssl.TLSVersion.TLSv1
+    tls.set_ciphers(LEGACY_CIPHER)
+    tls.load_verify_locations(ctx.env.ca_file)
+    acct, e2e_id = A["printer"], new_id()
+    data = message(e2e_id, sender=acct.mailbox)
+    with smtplib.SMTP(ctx.env.host, ctx.env.proxy_port("smtp", "legacystarttls"), timeout=TIMEOUT) as smtp:
+        smtp.ehlo("printer")
+        smtp.starttls(context=tls)
+        negotiated = (smtp.sock.version(), smtp.sock.cipher()[0])
+        check(negotiated == ("TLSv1", "AES128-SHA"), f"negotiated {negotiated}")
+        smtp.ehlo("printer")
+        smtp.login(acct.username, acct.password)
+        smtp.sendmail(acct.mailbox, ["rcpt@example.net"], data)
+    delivered(ctx, {e2e_id: data})
+    return f"{negotiated[0]} {negotiated[1]} after STARTTLS: AUTH, one message delivered"
 
 
 # ---- clients on the wrong port or mode (pending) ------------------------------------

@@ -88,7 +88,11 @@ IDENTITIES = {i.name: i for i in [
     # One token serves min(10s, 60s/2) short of its 60 s: ~50 s per token request.
     Identity("ticker", lifetime=60, min_token_lifetime="10s"),
     Identity("revoke"),
+    # One identity per token-endpoint fault: a failure puts an identity in its backoff,
+    # during which logins share the failure without asking the endpoint again.
     Identity("faulty", token_timeout="2s"),
+    Identity("slowpoke", token_timeout="2s"),
+    Identity("grantless", token_timeout="2s"),
     Identity("unreachable", reachable=False, token_timeout="2s"),
     Identity("denied", permitted=False),
     Identity("throttled"),
@@ -102,6 +106,11 @@ IDENTITIES = {i.name: i for i in [
     # forgot POP.AccessAsApp.
     Identity("doctor"),
     Identity("doctor-norole", roles=("IMAP.AccessAsApp", "SMTP.SendAsApp")),
+    # The fleet-* scenarios (e2e/fleet.py): three replicas sharing one Redis. fleetfirst
+    # gets no token before fleet-first-logins; fleetdel is delegated, with 30 s tokens.
+    Identity("fleet"),
+    Identity("fleetfirst"),
+    Identity("fleetdel", lifetime=30, min_token_lifetime="5s", flow="refresh_token"),
 ]}
 
 ACCOUNTS = {a.username: a for a in [
@@ -114,6 +123,8 @@ ACCOUNTS = {a.username: a for a in [
     Account("ticker", "ticker"),
     Account("revokee", "revoke"),
     Account("faulty", "faulty"),
+    Account("slowpoke", "slowpoke"),
+    Account("grantless", "grantless"),
     Account("stranded", "unreachable"),
     Account("denied", "denied"),
     Account("throttled", "throttled"),
@@ -143,6 +154,13 @@ ACCOUNTS = {a.username: a for a in [
     # The metrics-* scenario's logins, on listeners of their own (kind "metrics"), so the
     # counters Prometheus reads move by exactly its logins while other scenarios run.
     Account("metrics", "main", secret="metrics-pass-7"),
+    # fleet-*: one account per scenario, so each counts only its own sessions.
+    Account("fleet", "fleet"),
+    Account("fleetfirst", "fleetfirst"),
+    Account("fleetsend", "fleet"),
+    Account("fleetbad", "fleet"),
+    Account("fleetkill", "fleet"),
+    Account("fleetdel", "fleetdel"),
 ]}
 
 # The configs check-* scenarios run `check --online` with: name -> (identity, account,
@@ -185,11 +203,6 @@ PENDING = {
     "auth-equals-line": {"listeners": {"authequals": (["smtp"], ["    broken_sasl_auth_clients: true"])}},
     # Implicit TLS or plain text/STARTTLS on one port, by the client's first bytes.
     "local-tls-auto": {"listeners": {"auto": (list(PROTOCOLS), ["    local_tls: auto"])}},
-    # TLS 1.0/1.1 and RSA key exchange through OpenSSL, with an RSA certificate (run.sh
-    # makes proxy-rsa.pem): AES128-SHA needs one.
-    "legacy-tls": {"listeners": {"legacy": (["imap"], [
-        "    local_tls: implicit", "    local_tls_profile: legacy",
-        "    tls_cert_file: ${pki}/proxy-rsa.pem", "    tls_key_file: ${pki}/proxy-rsa-key.pem"])}},
     # A ClientHello on a plaintext port, plain text on an implicit-TLS one: recognised
     # and closed at once (the default listeners and the "implicit" ones suffice).
     "tls-sniffing": {},
@@ -199,12 +212,31 @@ PENDING = {
     "per-protocol-caps": {"top": ["max_sessions_per_mailbox: {smtp: 3, imap: 20, pop3: 20}",
                                   "session_wait: 20s"]},
 }
+# The PENDING features the proxy has now: their world parts are always rendered and
+# their scenarios run by default.
+LANDED = {"tls-sniffing", "overlong-line-bound", "local-tls-auto", "auth-equals-line", "per-protocol-caps"}
+
+# Listeners on the legacy TLS profile (OpenSSL: TLS 1.0/1.1 and RSA key exchange, for
+# old printers), each with its own RSA certificate (run.sh makes proxy-rsa.pem; RSA key
+# exchange needs one), while the other TLS listeners keep the ECDSA one: kind ->
+# (protocols, local_tls).
+LEGACY_LISTENERS = {"legacy": (["imap"], "implicit"), "legacystarttls": (["imap", "smtp"], "starttls")}
+
+
+def legacy_lines(kind: str, pki: Path) -> list[str]:
+    return [f"    local_tls: {LEGACY_LISTENERS[kind][1]}", "    local_tls_profile: legacy", "    tls:",
+            f"      cert_file: {yaml_str(str(pki / 'proxy-rsa.pem'))}",
+            f"      key_file: {yaml_str(str(pki / 'proxy-rsa-key.pem'))}"]
+
+
 PENDING_KINDS = {kind: feature for feature, part in PENDING.items() for kind in part.get("listeners", {})}
 # Prometheus scrapes the proxy's admin listener this often (and times out after it).
 SCRAPE_INTERVAL = "1s"
 PROMETHEUS_JOB = "xoauth2-proxy"
 PORT_NAMES = ["mock", "sink", "imaps", "pop3s", "submission", "closed", "postfix", "admin", "prometheus",
               *[proxy_port_name(kind, protocol) for kind in LISTENER_KINDS for protocol in PROTOCOLS],
+              *[proxy_port_name(kind, protocol) for kind, (protocols, _) in LEGACY_LISTENERS.items()
+                for protocol in protocols],
               *[proxy_port_name(kind, protocol) for part in PENDING.values()
                 for kind, (protocols, _) in part.get("listeners", {}).items() for protocol in protocols]]
 
@@ -215,7 +247,7 @@ def pending_enabled() -> list[str]:
     unknown = sorted(set(names) - set(PENDING))
     if unknown:
         sys.exit(f"E2E_PENDING names unknown features {unknown}; known: {sorted(PENDING)}")
-    return names
+    return sorted(set(names) | LANDED)
 
 # The site relay: senders Postfix routes to a proxy listener other than its relayhost
 # (sender_dependent_default_transport_maps), each showing one way to reach the proxy.
@@ -289,6 +321,9 @@ def proxy_config(ports: dict, pki: Path, store: Path, proxy_bin: str, debug: boo
     for kind, upstream_host in LISTENER_KINDS.items():
         for protocol in PROTOCOLS:
             lines += listener(ports, kind, protocol, upstream_host)
+    for kind, (protocols, _) in LEGACY_LISTENERS.items():
+        for protocol in protocols:
+            lines += listener(ports, kind, protocol) + legacy_lines(kind, pki)
     for feature in pending:
         for kind, (protocols, extra) in PENDING[feature].get("listeners", {}).items():
             for protocol in protocols:

@@ -57,7 +57,7 @@ cleanup() {
 trap cleanup EXIT
 
 ((EUID == 0)) || die "run as root: this installs and removes the package"
-[[ -x $BIN ]] || die "no release binary at $BIN (cargo build --release --locked --bin xoauth2-proxy)"
+[[ -x $BIN ]] || die "no release binary at $BIN (cargo build --release --locked --features legacy-tls --bin xoauth2-proxy)"
 
 install_tools() {
   local want=(systemd man-db python3-venv xz-utils binutils adduser strace) missing=() pkg

@@ -87,19 +87,6 @@ impl Accounts {
         self.by_username.is_empty()
     }
 
-    /// The largest argon2 memory cost among the hashes (KiB), to size the
-    /// verification workers' memory.
-    pub fn max_m_cost(&self) -> u32 {
-        self.by_username
-            .values()
-            .filter_map(|a| match &a.password {
-                Password::Hash(h) => Some(h.m_cost()),
-                Password::Plain(_) | Password::Unusable => None,
-            })
-            .max()
-            .unwrap_or(0)
-    }
-
     /// Checks a username and password. Usernames match without regard to case.
     pub async fn verify(&self, credentials: &Credentials, verifier: &Verifier) -> Result<Arc<Account>, AuthError> {
         let password = &credentials.password;
@@ -169,7 +156,7 @@ mod tests {
             account("Printer", PasswordConfig::Hash(hash)),
             account("app", PasswordConfig::Plain(Secret::new("pw".into()))),
         ]);
-        let v = Verifier::start(&PoolConfig::default(), accounts.max_m_cost());
+        let v = Verifier::start(&PoolConfig::default());
         assert_eq!(accounts.verify(&creds("printer", "s3cret"), &v).await.unwrap().username, "Printer");
         assert_eq!(accounts.verify(&creds("PRINTER", "s3cret"), &v).await.unwrap().mailbox, "Printer@example.com");
         assert_eq!(accounts.verify(&creds("printer", "s3cre"), &v).await.unwrap_err(), AuthError::WrongPassword);

@@ -37,6 +37,11 @@ pub trait Backend: Send + Sync + 'static {
     /// `Ok` when every listener is bound and every identity holds or can
     /// get a token; otherwise the reason, one line, without a secret.
     fn readiness(&self) -> Result<(), String>;
+    /// While ready: what works less well than configured (shared state
+    /// unreachable, local state serving), for `/readyz`'s `degraded`.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
     /// The values `/metrics` reads at scrape time.
     fn snapshot(&self) -> Snapshot;
 }
@@ -115,7 +120,13 @@ fn answer(request: &Request<Incoming>, metrics: &Metrics, backend: &dyn Backend)
         }
         "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n", head),
         "/readyz" => match backend.readiness() {
-            Ok(()) => respond(StatusCode::OK, "application/json", "{\"ready\":true}\n", head),
+            Ok(()) => match backend.degraded() {
+                None => respond(StatusCode::OK, "application/json", "{\"ready\":true}\n", head),
+                Some(why) => {
+                    let body = format!("{}\n", serde_json::json!({"ready": true, "degraded": why}));
+                    respond(StatusCode::OK, "application/json", body, head)
+                }
+            },
             Err(reason) => {
                 let body = format!("{}\n", serde_json::json!({"ready": false, "reason": reason}));
                 respond(StatusCode::SERVICE_UNAVAILABLE, "application/json", body, head)

@@ -24,9 +24,10 @@
 //! [`preflight`] (the files a config names), [`tls`], [`secret`] (the
 //! redacting `Secret<T>`), [`text`], [`fsutil`], [`telemetry`], [`doctor`]
 //! (`check --online`'s diagnosis of the path above, and the `setup` guide),
-//! [`metrics`] (the counters the path feeds) and [`admin`] (the HTTP
-//! listener serving them with the health checks), and [`cli`] (one module
-//! per subcommand).
+//! [`state`] (what several replicas share in Redis: tokens, the refresh lock,
+//! session leases, failure counts), [`metrics`] (the counters the path feeds)
+//! and [`admin`] (the HTTP listener serving them with the health checks), and
+//! [`cli`] (one module per subcommand).
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -43,6 +44,7 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod splice;
+pub mod state;
 pub mod telemetry;
 pub mod text;
 pub mod tls;

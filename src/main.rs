@@ -9,10 +9,19 @@ use xoauth2_proxy::config::raw::HumanDuration;
 
 const DEFAULT_CONFIG: &str = "/etc/xoauth2-proxy/config.yaml";
 
+/// `--version`, with the optional features this binary was built with, so
+/// that an admin (and packaging/deb.sh) can tell whether it serves
+/// `local_tls_profile: legacy`.
+const VERSION: &str = if cfg!(feature = "legacy-tls") {
+    concat!(env!("CARGO_PKG_VERSION"), " (features: legacy-tls)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 #[derive(Parser)]
 #[command(
     name = "xoauth2-proxy",
-    version,
+    version = VERSION,
     about = "SMTP/IMAP/POP3 proxy: plain logins in, OAuth2 (XOAUTH2) to Microsoft 365 out"
 )]
 struct Cli {
@@ -136,7 +145,8 @@ enum Command {
     /// print its argon2id hash for `password_hash`.
     HashPassword,
     /// Write a self-signed certificate (local.pem) and key (local-key.pem,
-    /// mode 0600) for local TLS.
+    /// mode 0600) for local TLS; with --key-type rsa, local-rsa.pem and
+    /// local-rsa-key.pem for the legacy profile.
     GenCert {
         /// Directory for the two files.
         #[arg(long, default_value = "certs")]
@@ -151,6 +161,10 @@ enum Command {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+        /// ecdsa (P-256, local.pem) for the default TLS profile; rsa (2048
+        /// bits, local-rsa.pem) for `local_tls_profile: legacy`.
+        #[arg(long, value_enum, default_value = "ecdsa")]
+        key_type: cli::gen_cert::KeyType,
     },
     /// Exit 0 if URL answers 2xx (for container health checks).
     Probe {
@@ -259,7 +273,9 @@ fn main() -> ExitCode {
             runtime.block_on(cli::token::run(&config.config, &account, output.as_deref(), min_lifetime))
         }
         Command::HashPassword => cli::hash_password::run(),
-        Command::GenCert { out, hosts, days, force } => cli::gen_cert::run(&out, &hosts, days, force),
+        Command::GenCert { out, hosts, days, force, key_type } => {
+            cli::gen_cert::run(&out, &hosts, days, force, key_type)
+        }
         Command::Probe { url, timeout } => runtime.block_on(cli::probe::run(&url, timeout)),
         Command::Generate { what, dir } => cli::generate::run(Cli::command(), what, &dir),
     };

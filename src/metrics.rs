@@ -109,11 +109,19 @@ pub enum Refused {
     MaxConnectionsPerIp,
     /// The proxy is out of descriptors or memory.
     Resources,
+    /// A `proxy_protocol` listener: the peer is not in `proxy_protocol_from`,
+    /// or sent no valid PROXY header.
+    ProxyProtocol,
 }
 
 impl Refused {
-    const ALL: [Refused; 4] =
-        [Refused::AllowFrom, Refused::MaxConnections, Refused::MaxConnectionsPerIp, Refused::Resources];
+    const ALL: [Refused; 5] = [
+        Refused::AllowFrom,
+        Refused::MaxConnections,
+        Refused::MaxConnectionsPerIp,
+        Refused::Resources,
+        Refused::ProxyProtocol,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -121,6 +129,7 @@ impl Refused {
             Refused::MaxConnections => "max_connections",
             Refused::MaxConnectionsPerIp => "max_connections_per_ip",
             Refused::Resources => "resources",
+            Refused::ProxyProtocol => "proxy_protocol",
         }
     }
 }
@@ -198,6 +207,8 @@ pub struct Metrics {
     open_fds: IntGauge,
     max_fds: IntGauge,
     resident_memory: IntGauge,
+    /// 1 while the shared state (`state:`) is in use; absent without it.
+    shared_state_up: IntGaugeVec,
     /// Scrape-time values are reset and refilled: one scrape at a time.
     scrape: Mutex<()>,
 }
@@ -284,6 +295,16 @@ impl Metrics {
             open_fds: gauge("process_open_fds", "Open file descriptors.")?,
             max_fds: gauge("process_max_fds", "The soft limit of open file descriptors.")?,
             resident_memory: gauge("process_resident_memory_bytes", "Resident memory size in bytes.")?,
+            shared_state_up: add(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        name("shared_state_up"),
+                        "1 while the replicas' shared state (state:) is reachable and in use, 0 while local state serves.",
+                    ),
+                    &[],
+                )?,
+            )?,
             registry,
             scrape: Mutex::new(()),
         };
@@ -337,6 +358,10 @@ impl Metrics {
         self.open_fds.set(process.open_fds);
         self.max_fds.set(process.max_fds);
         self.resident_memory.set(process.resident_bytes);
+        self.shared_state_up.reset();
+        if let Some(up) = now.shared_state_up {
+            self.shared_state_up.with_label_values::<&str>(&[]).set(i64::from(up));
+        }
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for lack of room; names and labels
         // were checked when the families were registered.
@@ -355,6 +380,8 @@ pub struct Snapshot {
     /// Verifications the password pool has computed, ever (it is replaced
     /// only when `password_verification` changes; the counter never goes back).
     pub verifications: u64,
+    /// With `state:`: whether the shared state is in use now.
+    pub shared_state_up: Option<bool>,
 }
 
 /// The process's own descriptors and memory, as the Prometheus client
@@ -385,7 +412,7 @@ impl Process {
 #[derive(Clone)]
 pub struct ListenerMetrics {
     accepted: IntCounter,
-    refused: [IntCounter; 4],
+    refused: [IntCounter; 5],
     sessions: [IntGauge; 3],
     logins: [IntCounter; 7],
     from_client: IntCounter,
@@ -430,8 +457,8 @@ impl ListenerMetrics {
         self.session_duration.observe(stats.duration.as_secs_f64());
     }
 
-    /// A login waited `waited` for its mailbox's session place (fed by the
-    /// per-mailbox cap when it makes logins wait).
+    /// A login waited `waited` for its mailbox's session place (only logins
+    /// that found the cap reached: the others take a place at once).
     pub fn mailbox_slot_waited(&self, waited: Duration) {
         self.mailbox_wait.observe(waited.as_secs_f64());
     }
@@ -547,17 +574,23 @@ mod tests {
     #[test]
     fn scrape_time_values_replace_the_previous_ones() {
         let m = Metrics::new().unwrap();
-        let snapshot =
-            Snapshot { tokens: vec![("contoso".into(), String::new(), Duration::from_secs(3000))], verifications: 7 };
+        let snapshot = Snapshot {
+            tokens: vec![("contoso".into(), String::new(), Duration::from_secs(3000))],
+            verifications: 7,
+            shared_state_up: Some(false),
+        };
         let t = String::from_utf8(m.render(&snapshot)).unwrap();
         assert_eq!(
             value(&t, "xoauth2_proxy_token_expires_in_seconds{account=\"\",identity=\"contoso\"}"),
             Some(3000.0)
         );
         assert_eq!(value(&t, "xoauth2_proxy_password_verifications_total"), Some(7.0));
+        assert_eq!(value(&t, "xoauth2_proxy_shared_state_up"), Some(0.0));
         // The identity is gone (a reload), the pool counted more.
-        let t = String::from_utf8(m.render(&Snapshot { tokens: vec![], verifications: 9 })).unwrap();
+        let t =
+            String::from_utf8(m.render(&Snapshot { tokens: vec![], verifications: 9, shared_state_up: None })).unwrap();
         assert!(!t.contains("token_expires_in_seconds{"), "{t}");
+        assert!(!t.contains("xoauth2_proxy_shared_state_up "), "{t}");
         assert_eq!(value(&t, "xoauth2_proxy_password_verifications_total"), Some(9.0));
         assert!(value(&t, "process_open_fds").is_some_and(|n| n > 0.0), "{t}");
     }

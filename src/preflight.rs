@@ -5,23 +5,15 @@
 //! configuration depends on nothing above it; `check`, `run` and a reload
 //! call this right after loading.
 
-use crate::config::{ClientCredential, Config, ConfigError, LocalTls, Problem};
+use crate::config::{ClientCredential, Config, ConfigError, LocalTls, LocalTlsProfile, Problem, TlsFiles};
+use crate::tls::ServerTls;
 use std::path::Path;
 
 /// Every problem with the files `config` names, each with its key path.
 pub fn check(config: &Config) -> Result<(), ConfigError> {
     let mut problems = Vec::new();
     let mut add = |path: String, message: String| problems.push(Problem { path, message });
-    if let Some(tls) = &config.tls {
-        let cert = readable(&tls.cert_file).map_err(|e| add("tls.cert_file".into(), e)).is_ok();
-        let key = readable(&tls.key_file).map_err(|e| add("tls.key_file".into(), e)).is_ok();
-        let used = config.listeners.iter().any(|l| l.local_tls != LocalTls::None);
-        if cert && key && used {
-            if let Err(e) = crate::tls::server_config(&tls.cert_file, &tls.key_file) {
-                add("tls".into(), e.to_string());
-            }
-        }
-    }
+    local_tls(config, &mut add);
     if let Some(ca) = &config.upstream_ca_file {
         match readable(ca) {
             Ok(()) => {
@@ -52,11 +44,67 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
             ClientCredential::Secret(_) | ClientCredential::None => {}
         }
     }
+    if let Some(state) = &config.state {
+        if let Some(crate::config::StatePassword::File(file)) = &state.password {
+            if let Err(e) = readable(file) {
+                add("state.password_file".into(), e);
+            }
+        }
+        if let Some(ca) = &state.ca_file {
+            match readable(ca) {
+                Ok(()) => {
+                    if let Err(e) = crate::tls::load_certificates(ca) {
+                        add("state.ca_file".into(), e.to_string());
+                    }
+                }
+                Err(e) => add("state.ca_file".into(), e),
+            }
+        }
+    }
     if problems.is_empty() {
         Ok(())
     } else {
         Err(ConfigError { file: config.source.clone(), problems })
     }
+}
+
+/// The top-level certificate and each listener's own: readable, and usable
+/// by every listener that serves it with its profile (the legacy profile
+/// needs RSA). Each combination of files and profile is loaded once.
+fn local_tls(config: &Config, add: &mut impl FnMut(String, String)) {
+    let global = config.tls.as_ref().is_some_and(|files| usable("tls", files, add));
+    let mut loaded: Vec<(LocalTlsProfile, &TlsFiles)> = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if l.local_tls == LocalTls::None {
+            continue;
+        }
+        let own = format!("listeners[{i}].tls");
+        let (key, files) = match (&l.tls, &config.tls) {
+            (Some(files), _) if usable(&own, files, add) => (own, files),
+            (None, Some(files)) if global => ("tls".to_string(), files),
+            _ => continue,
+        };
+        if loaded.contains(&(l.local_tls_profile, files)) {
+            continue;
+        }
+        loaded.push((l.local_tls_profile, files));
+        if let Err(e) = ServerTls::load(l.local_tls_profile, files) {
+            let message = match (l.tls.is_some(), l.local_tls_profile) {
+                (false, LocalTlsProfile::Legacy) => {
+                    format!("for listener {:?} (local_tls_profile: legacy): {e}", l.name)
+                }
+                _ => e.to_string(),
+            };
+            add(key, message);
+        }
+    }
+}
+
+/// Both files of a certificate readable (each problem reported under `key`).
+fn usable(key: &str, files: &TlsFiles, add: &mut impl FnMut(String, String)) -> bool {
+    let cert = readable(&files.cert_file).map_err(|e| add(format!("{key}.cert_file"), e)).is_ok();
+    let key_file = readable(&files.key_file).map_err(|e| add(format!("{key}.key_file"), e)).is_ok();
+    cert && key_file
 }
 
 fn readable(path: &Path) -> Result<(), String> {

@@ -1,7 +1,12 @@
 //! TLS configuration: PEM loading (rustls-pki-types), the client config used
-//! for upstreams and the token endpoint, and the server config for local TLS.
-//! One crypto provider (ring) for everything.
+//! for upstreams and the token endpoint, and the server side of local TLS.
+//! One crypto provider (ring) for everything rustls does; the one exception
+//! is the opt-in legacy profile for old devices (`legacy`, OpenSSL).
 
+#[cfg(feature = "legacy-tls")]
+pub mod legacy;
+
+use crate::config::{LocalTlsProfile, TlsFiles};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -21,6 +26,17 @@ pub enum TlsError {
     NoKey { path: PathBuf },
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
+    #[error(
+        "{path}: the legacy TLS profile needs an RSA certificate and key (RSA key exchange encrypts to it), \
+         this is {found}; make one with `xoauth2-proxy gen-cert --key-type rsa` or \
+         `openssl req -x509 -newkey rsa:2048 ...` (README, \"Legacy TLS\")"
+    )]
+    NotRsa { path: PathBuf, found: &'static str },
+    /// OpenSSL's own complaint, with the file it concerns.
+    #[error("{0}")]
+    Legacy(String),
+    #[error("the legacy TLS profile is not in this build (cargo feature {})", crate::config::LEGACY_FEATURE)]
+    LegacyUnavailable,
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -80,7 +96,30 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
-/// The certificate local clients see (`local_tls`).
+/// What serves one listener's local TLS: rustls, or OpenSSL for the legacy
+/// profile. Cheap to clone (both are reference-counted).
+#[derive(Clone)]
+pub enum ServerTls {
+    Modern(Arc<ServerConfig>),
+    #[cfg(feature = "legacy-tls")]
+    Legacy(openssl::ssl::SslContext),
+}
+
+impl ServerTls {
+    /// Reads the certificate and key for `profile`.
+    pub fn load(profile: LocalTlsProfile, files: &TlsFiles) -> Result<ServerTls, TlsError> {
+        match profile {
+            LocalTlsProfile::Modern => Ok(ServerTls::Modern(server_config(&files.cert_file, &files.key_file)?)),
+            #[cfg(feature = "legacy-tls")]
+            LocalTlsProfile::Legacy => Ok(ServerTls::Legacy(legacy::context(&files.cert_file, &files.key_file)?)),
+            // Validation refuses the profile in such a build; this keeps it refused.
+            #[cfg(not(feature = "legacy-tls"))]
+            LocalTlsProfile::Legacy => Err(TlsError::LegacyUnavailable),
+        }
+    }
+}
+
+/// The certificate local clients see (`local_tls`, modern profile).
 pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certificates(cert_file)?;
     let key = load_private_key(key_file)?;

@@ -75,11 +75,6 @@ impl Hash {
         Ok(Hash { phc: phc.to_string(), algorithm, version, params, salt, expected })
     }
 
-    /// The memory cost in KiB.
-    pub fn m_cost(&self) -> u32 {
-        self.params.m_cost()
-    }
-
     /// Checks `password` using `memory` as argon2's working memory.
     fn matches(&self, password: &[u8], memory: &mut Vec<Block>) -> bool {
         let blocks = self.params.block_count();
@@ -137,9 +132,10 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Starts the workers. `max_m_cost` sizes their memory up front (KiB):
-    /// the largest cost among the configured hashes.
-    pub fn start(config: &PoolConfig, max_m_cost: u32) -> Verifier {
+    /// Starts the workers. Each allocates its argon2 memory at its first
+    /// verification (an idle proxy, or one with plain passwords only, holds
+    /// none) and keeps it, growing it once if a costlier hash comes along.
+    pub fn start(config: &PoolConfig) -> Verifier {
         let rng = ring::rand::SystemRandom::new();
         let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
             .unwrap_or_else(|_| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()));
@@ -163,13 +159,11 @@ impl Verifier {
         });
         let (queue, jobs) = sync_channel::<Job>(config.queue.max(1));
         let jobs = Arc::new(Mutex::new(jobs));
-        let blocks = Params::new(max_m_cost.max(Params::DEFAULT_M_COST), 1, 1, None)
-            .map_or(Params::DEFAULT_M_COST as usize, |p| p.block_count());
         for n in 0..config.workers.max(1) {
             let (jobs, inner) = (jobs.clone(), inner.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("argon2-{n}"))
-                .spawn(move || worker(&jobs, &inner, vec![Block::default(); blocks]));
+                .spawn(move || worker(&jobs, &inner, Vec::new()));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a password verification worker");
             }
@@ -320,7 +314,7 @@ mod tests {
     }
 
     fn pool(workers: usize, queue: usize) -> Verifier {
-        Verifier::start(&PoolConfig { workers, queue, timeout: Duration::from_secs(10) }, 8)
+        Verifier::start(&PoolConfig { workers, queue, timeout: Duration::from_secs(10) })
     }
 
     #[tokio::test]
@@ -388,7 +382,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_answers_overloaded_at_once() {
         // No worker can drain the queue: every slot stays taken.
-        let v = Verifier::start(&PoolConfig { workers: 1, queue: 1, timeout: Duration::from_secs(30) }, 8);
+        let v = Verifier::start(&PoolConfig { workers: 1, queue: 1, timeout: Duration::from_secs(30) });
         let slow = Arc::new(Hash::parse(&crate::accounts::hash_password(b"x").unwrap()).unwrap());
         let mut pending = Vec::new();
         for i in 0..4 {

@@ -68,6 +68,32 @@ async fn gen_cert_makes_a_certificate_clients_can_trust() {
     TestClient::new(stream).expect("220 ").await;
 }
 
+/// Without OpenSSL in the build there is no way to generate an RSA key
+/// (ring cannot): gen-cert says which feature is missing and prints the
+/// openssl command that makes the same pair, and writes nothing.
+#[cfg(not(feature = "legacy-tls"))]
+#[test]
+fn gen_cert_rsa_without_the_feature_prints_the_openssl_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = binary()
+        .args(["gen-cert", "--key-type", "rsa", "--host", "printer.lan", "--host", "192.0.2.10", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for part in [
+        "cargo feature legacy-tls",
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj '/CN=printer.lan'",
+        "-keyout local-rsa-key.pem -out local-rsa.pem",
+        "subjectAltName=DNS:printer.lan,IP:192.0.2.10",
+        "keyUsage=critical,digitalSignature,keyEncipherment",
+    ] {
+        assert!(stderr.contains(part), "{part} missing in {stderr}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing is written");
+}
+
 #[tokio::test]
 async fn hash_password_reads_stdin_and_prints_a_verifiable_hash() {
     let mut child = tokio::process::Command::from({

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use xoauth2_proxy::config::{Config, Flow, LocalTls, UpstreamTls};
+use xoauth2_proxy::config::{Config, Flow, LocalTls, LocalTlsProfile, UpstreamTls};
 use xoauth2_proxy::protocol::Protocol;
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
@@ -34,8 +34,13 @@ fn the_example_config_parses_with_its_documented_defaults() {
     assert_eq!(smtp.limits.idle_timeout.as_secs(), 1800);
     assert_eq!(smtp.limits.max_line_length, 8192);
     assert_eq!((smtp.limits.max_connections, smtp.limits.max_connections_per_ip), (1000, 50));
+    // The kernel's maximum, read when the listener is bound.
+    assert_eq!(smtp.limits.listen_backlog, None);
     assert!(smtp.allow_from.is_empty());
-    assert_eq!(config.max_sessions_per_mailbox, 10);
+    // Exchange Online's limits per mailbox: SMTP AUTH 3, IMAP 20, POP3 20.
+    assert_eq!(config.session_caps, xoauth2_proxy::config::SessionCaps { smtp: 3, imap: 20, pop3: 20 });
+    assert_eq!((smtp.max_sessions_per_mailbox, config.session_wait.as_secs()), (3, 20));
+    assert_eq!((smtp.local_tls_profile, &smtp.tls), (LocalTlsProfile::Modern, &None));
     assert_eq!(config.login_throttle.free_failures, 3);
     assert_eq!(config.login_throttle.max_delay.as_secs(), 30);
     let imap = &config.listeners[1];
@@ -88,6 +93,42 @@ fn invalid_fixtures_fail_with_file_key_and_reason() {
         assert!(message.starts_with(&path.display().to_string()), "{message}");
         assert!(message.contains(expected), "{}:\n  expected {expected:?}\n  got      {message:?}", path.display());
     }
+}
+
+const LEGACY_LISTENER: &str = "listeners:\n  - {name: printer, protocol: smtp, bind: '127.0.0.1:1465', \
+    upstream: 'smtp.office365.com:587', local_tls: implicit, local_tls_profile: legacy, \
+    tls: {cert_file: rsa.pem, key_file: rsa-key.pem}}\n  \
+    - {name: imap, protocol: imap, bind: '127.0.0.1:1993', upstream: 'outlook.office365.com:993', local_tls: implicit}\n\
+    tls: {cert_file: ec.pem, key_file: ec-key.pem}\n";
+
+#[cfg(feature = "legacy-tls")]
+#[test]
+fn a_legacy_listener_has_its_own_certificate_and_a_warning() {
+    let config = Config::parse(LEGACY_LISTENER, Path::new("/etc/x/c.yaml"), &env(&[])).unwrap();
+    let (printer, imap) = (&config.listeners[0], &config.listeners[1]);
+    assert_eq!((printer.local_tls_profile, imap.local_tls_profile), (LocalTlsProfile::Legacy, LocalTlsProfile::Modern));
+    assert_eq!(config.local_tls_files(printer).unwrap().cert_file, Path::new("/etc/x/rsa.pem"));
+    assert_eq!(config.local_tls_files(imap).unwrap().key_file, Path::new("/etc/x/ec-key.pem"));
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    let warning = &config.warnings[0];
+    assert!(warning.starts_with("listener \"printer\" uses local_tls_profile: legacy: "), "{warning}");
+    for what in ["TLS 1.0 and 1.1", "RSA key exchange", "no forward secrecy", "SHA-1 MACs", "printer VLAN"] {
+        assert!(warning.contains(what), "{what}: {warning}");
+    }
+}
+
+#[cfg(not(feature = "legacy-tls"))]
+#[test]
+fn a_legacy_listener_needs_the_cargo_feature() {
+    let err = Config::parse(LEGACY_LISTENER, Path::new("c.yaml"), &env(&[])).unwrap_err().to_string();
+    assert!(
+        err.starts_with(
+            "c.yaml: listeners[0].local_tls_profile: this xoauth2-proxy was built without the cargo \
+             feature \"legacy-tls\""
+        ),
+        "{err}"
+    );
+    assert!(err.contains("--features legacy-tls") && err.lines().count() == 1, "{err}");
 }
 
 #[test]

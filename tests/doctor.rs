@@ -42,6 +42,7 @@ fn seed(h: &Harness, account: &str, upn: &str) {
             access_token: None,
             access_expires_at: None,
             updated_at: unix_now(),
+            version: 0,
         })
         .unwrap();
 }

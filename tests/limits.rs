@@ -79,27 +79,36 @@ async fn pop3_session(h: &Harness) -> TestClient<tokio::net::TcpStream> {
 }
 
 #[tokio::test]
-async fn upstream_sessions_are_capped_per_mailbox() {
-    let h =
-        Harness::with(Options { top_extra: vec!["max_sessions_per_mailbox: 2".into()], ..Options::default() }).await;
+async fn upstream_sessions_are_capped_per_mailbox_and_protocol_and_wait_for_a_place() {
+    let h = Harness::with(Options {
+        top_extra: vec!["max_sessions_per_mailbox: 2".into(), "session_wait: 1s".into()],
+        ..Options::default()
+    })
+    .await;
     let mut a = pop3_session(&h).await;
     a.expect("+OK").await;
     let mut b = pop3_session(&h).await;
     b.expect("+OK").await;
-    // The cap is per mailbox, across listeners: IMAP for the same mailbox is refused too.
+    // The third waits for the whole session_wait, then gets the temporary failure.
+    let started = Instant::now();
     let mut c = pop3_session(&h).await;
     c.expect("-ERR [IN-USE]").await;
-    assert!(h.login_answer("imap", "app", APP_PASSWORD).await.starts_with("a NO [INUSE]"));
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    // The cap is per protocol: IMAP for the same mailbox has its own places.
+    assert!(h.login_answer("imap", "app", APP_PASSWORD).await.starts_with("a OK"));
     // Another mailbox is not affected.
     assert!(h.login_answer("pop3", "printer", PRINTER_PASSWORD).await.starts_with("+OK"));
     assert_eq!(h.pop3.logins().iter().filter(|u| *u == SHARED_MAILBOX).count(), 2);
-    // A session that ends gives its place back.
+    // A session that ends gives its place to the one waiting.
+    let waiting = tokio::spawn(async move {
+        c.send(format!("USER app\r\nPASS {APP_PASSWORD}\r\n")).await;
+        c.expect("+OK").await;
+        c.line().await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     a.send("QUIT\r\n").await;
     drop(a);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    c.send(format!("USER app\r\nPASS {APP_PASSWORD}\r\n")).await;
-    c.expect("+OK").await;
-    c.expect("+OK").await;
+    assert!(waiting.await.unwrap().starts_with("+OK"));
 }
 
 #[tokio::test]

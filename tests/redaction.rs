@@ -143,6 +143,7 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
                 access_token: None,
                 access_expires_at: None,
                 updated_at: unix_now(),
+                version: 0,
             })
             .unwrap();
         secrets.push(seeded);
@@ -253,6 +254,7 @@ async fn check_online_prints_no_secret() {
                 access_token: None,
                 access_expires_at: None,
                 updated_at: unix_now(),
+                version: 0,
             })
             .unwrap();
         secrets.push(seeded);

@@ -46,6 +46,7 @@ fn seed(h: &Harness, account: &str, access: Option<(&str, i64)>) -> String {
             access_token: access.map(|(t, _)| t.to_string()),
             access_expires_at: access.map(|(_, left)| (unix_now() as i64 + left) as u64),
             updated_at: unix_now(),
+            version: 0,
         })
         .unwrap();
     rt
@@ -285,6 +286,7 @@ async fn a_store_written_with_another_key_is_a_temporary_failure_and_is_kept() {
             access_token: None,
             access_expires_at: None,
             updated_at: 0,
+            version: 0,
         })
         .unwrap();
     let mut c = h.connect("pop3").await;

@@ -3,7 +3,7 @@
 //! Exchange (the `doctor` module). `--json` prints the same as one document.
 //! Exit status: 0 all ok, 1 something failed, 2 the config is invalid.
 
-use crate::config::{Config, ListenerConfig, LocalTls};
+use crate::config::{Config, ListenerConfig, LocalTls, LocalTlsProfile};
 use serde_json::json;
 use std::path::Path;
 use std::process::ExitCode;
@@ -57,6 +57,12 @@ fn logins(l: &ListenerConfig) -> String {
     let why = if l.bind.ip().is_loopback() { "loopback bind" } else { "allow_plaintext_auth: true" };
     match (l.local_tls, l.plaintext_allowed, l.require_tls) {
         (LocalTls::Implicit, _, _) => "logins over TLS".to_string(),
+        (LocalTls::Auto, _, _) if !l.plaintext_allowed || l.require_tls => {
+            "implicit TLS or STARTTLS on one port, logins over TLS only".to_string()
+        }
+        (LocalTls::Auto, _, _) => {
+            format!("implicit TLS, STARTTLS or plain text on one port, by the client's first byte ({why})")
+        }
         (LocalTls::Starttls, _, true) => "logins after STARTTLS only (require_tls: true)".to_string(),
         (LocalTls::Starttls, false, _) => "logins after STARTTLS only (not a loopback bind)".to_string(),
         (LocalTls::Starttls, true, false) => format!("logins with or without STARTTLS ({why})"),
@@ -68,15 +74,28 @@ fn logins(l: &ListenerConfig) -> String {
     }
 }
 
+/// The listener's local TLS in the config's words: the mode, and the
+/// profile and the certificate where they are not the defaults.
+fn local_tls(l: &ListenerConfig) -> String {
+    let mut out = format!("local_tls: {}", l.local_tls.as_str());
+    if l.local_tls_profile != LocalTlsProfile::Modern {
+        out.push_str(&format!(", local_tls_profile: {}", l.local_tls_profile.as_str()));
+    }
+    if let Some(own) = &l.tls {
+        out.push_str(&format!(", certificate {}", own.cert_file.display()));
+    }
+    out
+}
+
 fn summary_text(config: &Config) -> String {
     let mut out = format!("{}: configuration is valid\n", config.source.display());
     for l in &config.listeners {
         out.push_str(&format!(
-            "  listener {:?}: {} on {} (local_tls: {}) -> {} (upstream_tls: {}), {}\n",
+            "  listener {:?}: {} on {} ({}) -> {} (upstream_tls: {}), {}\n",
             l.name,
             l.protocol,
             l.bind,
-            l.local_tls.as_str(),
+            local_tls(l),
             l.upstream,
             l.upstream_tls.as_str(),
             logins(l)
@@ -105,6 +124,8 @@ fn summary_json(config: &Config) -> serde_json::Value {
                 "protocol": l.protocol.as_str(),
                 "bind": l.bind.to_string(),
                 "local_tls": l.local_tls.as_str(),
+                "local_tls_profile": l.local_tls_profile.as_str(),
+                "certificate": config.local_tls_files(l).map(|f| f.cert_file.display().to_string()),
                 "upstream": l.upstream.to_string(),
                 "upstream_tls": l.upstream_tls.as_str(),
                 "logins": logins(l),

@@ -33,7 +33,7 @@ async fn login(config: &Config, name: &str) -> Result<ExitCode, String> {
             identity.flow.as_str()
         ));
     }
-    let source = super::token::source(config, identity)?;
+    let source = super::token::source(config, identity).await?;
     let Source::Delegated(tokens) = source else {
         return Err("identity is not delegated".into());
     };

@@ -76,6 +76,7 @@ pub async fn run(config_path: &Path, pid_file: Option<&Path>, early: EarlySignal
         accounts: Arc::new(AtomicUsize::new(config.accounts.len())),
         reload_failed: Arc::new(AtomicBool::new(false)),
         tokens: proxy.tokens(),
+        state: proxy.shared_state(),
     };
     service::ready(&status.line());
     let supervisor = service::supervise({
@@ -122,15 +123,19 @@ struct Status {
     accounts: Arc<AtomicUsize>,
     reload_failed: Arc<AtomicBool>,
     tokens: TokenManager,
+    state: Option<Arc<crate::state::SharedState>>,
 }
 
 impl Status {
     fn line(&self) -> String {
-        let line = service::status_line(
+        let mut line = service::status_line(
             self.listeners.load(Ordering::Relaxed),
             self.accounts.load(Ordering::Relaxed),
             self.tokens.valid_tokens(),
         );
+        if self.state.as_ref().is_some_and(|s| !s.is_up()) {
+            line.push_str("; shared state unreachable, serving with local state");
+        }
         if self.reload_failed.load(Ordering::Relaxed) {
             format!("{line}; the last reload failed, see the log (previous configuration kept)")
         } else {

@@ -23,8 +23,10 @@ pub async fn run(config_path: &Path, account: &str, output: Option<&Path>, min_l
     }
 }
 
-/// The token source for one identity, built as the proxy builds it.
-pub(super) fn source(config: &Config, identity: &IdentityConfig) -> Result<Source, String> {
+/// The token source for one identity, built as the proxy builds it: with
+/// `state:`, records are read from and written to the replicas' Redis too
+/// (so a `login` on one replica reaches them all).
+pub(super) async fn source(config: &Config, identity: &IdentityConfig) -> Result<Source, String> {
     crate::tls::install_default_provider();
     let tls = crate::tls::client_config(config.upstream_ca_file.as_deref()).map_err(|e| e.to_string())?;
     if let Some(store) = &config.token_store {
@@ -34,7 +36,20 @@ pub(super) fn source(config: &Config, identity: &IdentityConfig) -> Result<Sourc
             super::owner::check_writer(key)?;
         }
     }
-    let ctx = crate::token::context_for(config, tls).map_err(|e| e.to_string())?;
+    let state = match &config.state {
+        Some(state) => {
+            let shared = crate::state::SharedState::connect_quiet(state).map_err(|e| e.to_string())?;
+            if let Err(e) = shared.ping().await {
+                eprintln!(
+                    "warning: the shared state ({}) does not answer ({e}): using the local token store only",
+                    state.display_url()
+                );
+            }
+            Some(shared)
+        }
+        None => None,
+    };
+    let ctx = crate::token::shared_context_for(config, tls, state).map_err(|e| e.to_string())?;
     provider::source_for(identity, &ctx).map_err(|e| e.to_string())
 }
 
@@ -46,7 +61,7 @@ async fn token(
 ) -> Result<(), String> {
     let account = config.find_account(name)?;
     let identity = config.identity(&account.identity).ok_or("the account's identity is missing")?;
-    let fresh = match source(config, identity)? {
+    let fresh = match source(config, identity).await? {
         // Every app-only token is new, with its full lifetime.
         Source::App(app) => app.fetch_new().await,
         Source::Delegated(tokens) => {

@@ -13,7 +13,7 @@ mod validate;
 use crate::protocol::Protocol;
 use crate::secret::Secret;
 pub use expand::{Env, ProcessEnv};
-pub use raw::{Flow, JwtAlgorithm, LocalTls, LogFormat, LogLevel, UpstreamTls};
+pub use raw::{Flow, JwtAlgorithm, LocalTls, LocalTlsProfile, LogFormat, LogLevel, StateBackend, UpstreamTls};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -34,12 +34,16 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Run (by `/bin/sh -c`) when an account needs `xoauth2-proxy login` again.
     pub on_reauth_required: Option<String>,
-    /// Upstream sessions (logins in progress and spliced) per mailbox, across listeners.
-    pub max_sessions_per_mailbox: usize,
+    /// Upstream sessions (logins in progress and spliced) per mailbox and protocol.
+    pub session_caps: SessionCaps,
+    /// How long a login over a mailbox's cap waits for a slot.
+    pub session_wait: Duration,
     pub login_throttle: LoginThrottle,
     pub password_verification: PasswordVerification,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`); off when absent.
     pub admin: Option<AdminConfig>,
+    /// Shared state for several replicas; `None`: files and memory.
+    pub state: Option<StateConfig>,
     /// Things that are allowed but deserve the admin's attention.
     pub warnings: Vec<String>,
 }
@@ -50,6 +54,11 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     pub bind: SocketAddr,
     pub local_tls: LocalTls,
+    /// Which TLS stack serves `local_tls` (modern unless `legacy` is asked for).
+    pub local_tls_profile: LocalTlsProfile,
+    /// The listener's own certificate (`listeners[].tls`), if it has one;
+    /// otherwise the top-level `tls:` serves it ([`Config::local_tls_files`]).
+    pub tls: Option<TlsFiles>,
     pub upstream: UpstreamAddr,
     pub upstream_tls: UpstreamTls,
     pub require_tls: bool,
@@ -58,6 +67,17 @@ pub struct ListenerConfig {
     pub plaintext_allowed: bool,
     /// Client addresses allowed to connect; empty means everyone.
     pub allow_from: Vec<cidr::Cidr>,
+    /// Upstream sessions per mailbox for this listener's protocol (the
+    /// listener's own setting, or the top-level one).
+    pub max_sessions_per_mailbox: usize,
+    /// How long a login over that cap waits for a place.
+    pub session_wait: Duration,
+    /// Add the `AUTH=PLAIN LOGIN` line of pre-RFC 4954 clients to EHLO (Postfix's
+    /// `broken_sasl_auth_clients`).
+    pub broken_sasl_auth_clients: bool,
+    /// `proxy_protocol: true`: every connection starts with a PROXY header
+    /// from one of these balancer addresses (`proxy_protocol_from`).
+    pub proxy_protocol_from: Option<Vec<cidr::Cidr>>,
     pub limits: Limits,
 }
 
@@ -76,6 +96,9 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Connections the kernel may hold waiting for `accept`; `None`: as many
+    /// as it allows (`net.core.somaxconn`), read when the listener is bound.
+    pub listen_backlog: Option<u32>,
 }
 
 impl Limits {
@@ -113,7 +136,33 @@ impl Default for LoginThrottle {
     }
 }
 
-pub const DEFAULT_MAX_SESSIONS_PER_MAILBOX: usize = 10;
+/// Upstream sessions per mailbox, per protocol, across the listeners of that
+/// protocol. The defaults are Exchange Online's published limits: SMTP AUTH
+/// client submission allows 3 concurrent connections per mailbox ("432 4.3.2
+/// Concurrent connections limit exceeded"); IMAP4 and POP3 allow 20 each
+/// (Exchange Online limits: "Receiving and sending limits", "IMAP4 and POP3
+/// limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCaps {
+    pub smtp: usize,
+    pub imap: usize,
+    pub pop3: usize,
+}
+
+impl SessionCaps {
+    pub const EXCHANGE: SessionCaps = SessionCaps { smtp: 3, imap: 20, pop3: 20 };
+
+    pub fn for_protocol(&self, protocol: Protocol) -> usize {
+        match protocol {
+            Protocol::Smtp => self.smtp,
+            Protocol::Imap => self.imap,
+            Protocol::Pop3 => self.pop3,
+        }
+    }
+}
+
+/// Well under the 30-60 s clients usually wait for an answer.
+pub const DEFAULT_SESSION_WAIT: Duration = Duration::from_secs(20);
 
 /// How the argon2 verification pool is sized (`password_verification`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +210,7 @@ impl fmt::Display for UpstreamAddr {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
@@ -236,6 +285,54 @@ pub enum TokenStoreKey {
     Inline(Secret<String>),
 }
 
+/// `state:`: the Redis (or Valkey) server that replicas share.
+/// Comparable, so a reload can tell that `state:` changed (it applies at
+/// the next start).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    /// `redis://` or `rediss://` (TLS); a password in it is a secret.
+    pub url: Secret<String>,
+    /// Every key starts with `{prefix}:`; replicas with the same prefix share.
+    pub prefix: String,
+    pub password: Option<StatePassword>,
+    /// Extra trust root for `rediss://` (else the public web roots).
+    pub ca_file: Option<PathBuf>,
+    /// Bound on every Redis round trip (and on connecting).
+    pub timeout: Duration,
+    /// A mailbox session slot lives this long unless renewed (every third of it).
+    pub session_lease: Duration,
+    /// Expiry of the cross-replica refresh lock.
+    pub refresh_lock: Duration,
+}
+
+impl StateConfig {
+    pub const DEFAULT_PREFIX: &'static str = "xoauth2-proxy";
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_SESSION_LEASE: Duration = Duration::from_secs(30);
+    pub const DEFAULT_REFRESH_LOCK: Duration = Duration::from_secs(30);
+
+    /// The URL with any password in it masked, for messages.
+    pub fn display_url(&self) -> String {
+        let url = self.url.expose();
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &url[scheme + 3..at];
+                let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+                format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatePassword {
+    Inline(Secret<String>),
+    /// Read when connecting, so a rotated password needs no restart.
+    File(PathBuf),
+}
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub level: LogLevel,
@@ -247,6 +344,9 @@ impl Default for LogConfig {
         LogConfig { level: LogLevel::Info, format: LogFormat::Text }
     }
 }
+
+/// The cargo feature that serves `local_tls_profile: legacy` (OpenSSL).
+pub const LEGACY_FEATURE: &str = "legacy-tls";
 
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -315,6 +415,15 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         validate::validate(raw, path, base).map_err(fail)
+    }
+
+    /// The certificate and key a listener's local TLS uses: its own
+    /// `tls:`, else the top-level one. None for listeners without local TLS.
+    pub fn local_tls_files<'a>(&'a self, listener: &'a ListenerConfig) -> Option<&'a TlsFiles> {
+        if listener.local_tls == LocalTls::None {
+            return None;
+        }
+        listener.tls.as_ref().or(self.tls.as_ref())
     }
 
     pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {

@@ -29,13 +29,17 @@ pub struct RawConfig {
     #[serde(default)]
     pub on_reauth_required: Option<String>,
     #[serde(default)]
-    pub max_sessions_per_mailbox: Option<usize>,
+    pub max_sessions_per_mailbox: Option<RawSessionCaps>,
+    #[serde(default)]
+    pub session_wait: Option<HumanDuration>,
     #[serde(default)]
     pub login_throttle: Option<RawLoginThrottle>,
     #[serde(default)]
     pub password_verification: Option<RawPasswordVerification>,
     #[serde(default)]
     pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub state: Option<RawState>,
 }
 
 /// The admin listener: metrics and health checks over HTTP.
@@ -44,6 +48,53 @@ pub struct RawConfig {
 pub struct RawAdmin {
     #[serde(default)]
     pub bind: Option<String>,
+}
+
+/// Where replicas share their state (`state:`); absent means files and memory.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub backend: StateBackend,
+    pub url: String,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default, deserialize_with = "secret_scalar")]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<String>,
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub session_lease: Option<HumanDuration>,
+    #[serde(default)]
+    pub refresh_lock: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    Redis,
+}
+
+/// Upstream sessions per mailbox: one number for every protocol, or one per protocol.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSessionCaps {
+    All(usize),
+    PerProtocol(RawProtocolCaps),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProtocolCaps {
+    #[serde(default)]
+    pub smtp: Option<usize>,
+    #[serde(default)]
+    pub imap: Option<usize>,
+    #[serde(default)]
+    pub pop3: Option<usize>,
 }
 
 /// The pool that runs argon2 verifications.
@@ -80,6 +131,11 @@ pub struct RawListener {
     pub bind: String,
     #[serde(default)]
     pub local_tls: Option<LocalTls>,
+    #[serde(default)]
+    pub local_tls_profile: Option<LocalTlsProfile>,
+    /// This listener's own certificate, instead of the top-level `tls:`.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
     pub upstream: String,
     #[serde(default)]
     pub upstream_tls: Option<UpstreamTls>,
@@ -106,7 +162,18 @@ pub struct RawListener {
     #[serde(default)]
     pub max_connections_per_ip: Option<usize>,
     #[serde(default)]
+    pub listen_backlog: Option<u32>,
+    #[serde(default)]
     pub allow_from: Option<Vec<String>>,
+    #[serde(default)]
+    pub max_sessions_per_mailbox: Option<usize>,
+    #[serde(default)]
+    pub session_wait: Option<HumanDuration>,
+    #[serde(default)]
+    pub broken_sasl_auth_clients: Option<bool>,
+    pub proxy_protocol: Option<bool>,
+    #[serde(default)]
+    pub proxy_protocol_from: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -115,6 +182,8 @@ pub enum LocalTls {
     None,
     Starttls,
     Implicit,
+    /// Implicit TLS or plain text/STARTTLS on one port, by the client's first byte.
+    Auto,
 }
 
 impl LocalTls {
@@ -124,6 +193,28 @@ impl LocalTls {
             LocalTls::None => "none",
             LocalTls::Starttls => "starttls",
             LocalTls::Implicit => "implicit",
+            LocalTls::Auto => "auto",
+        }
+    }
+}
+
+/// Which TLS stack and settings serve a listener's local TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalTlsProfile {
+    /// rustls: TLS 1.2 and 1.3, forward-secret AEAD suites only.
+    #[default]
+    Modern,
+    /// OpenSSL (cargo feature `legacy-tls`): also TLS 1.0/1.1 and RSA key
+    /// exchange, for devices that cannot do better.
+    Legacy,
+}
+
+impl LocalTlsProfile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalTlsProfile::Modern => "modern",
+            LocalTlsProfile::Legacy => "legacy",
         }
     }
 }

@@ -150,8 +150,17 @@ pub async fn diagnose(config: &Config, may_write: MayWrite<'_>) -> Report {
         },
     };
 
+    if let Some(state) = &config.state {
+        report.push(diagnose_state(state, config).await);
+    }
+
     // The checks never run on_reauth_required: a human is watching already.
-    let ctx = SourceContext { tls: tls.clone(), store, notifier: Arc::new(ReauthNotifier::new(None, &config.source)) };
+    let ctx = SourceContext {
+        tls: tls.clone(),
+        store,
+        notifier: Arc::new(ReauthNotifier::new(None, &config.source)),
+        shared: None,
+    };
     let targets = targets(config);
     for identity in config.identities.values() {
         if identity.flow == crate::config::Flow::RefreshToken {
@@ -171,6 +180,54 @@ pub async fn diagnose(config: &Config, may_write: MayWrite<'_>) -> Report {
         diagnose_identity(config, identity, &ctx, &targets, &mut report).await;
     }
     report
+}
+
+/// `state:`: Redis answers, and this replica's token-store key is the
+/// fleet's (the first replica to ask leaves a value sealed with its key).
+async fn diagnose_state(state: &crate::config::StateConfig, config: &Config) -> Check {
+    let url = state.display_url();
+    let shared = match crate::state::SharedState::connect_quiet(state) {
+        Ok(shared) => shared,
+        Err(e) => return Check::failed(Step::State, format!("{url}: {e}"), Diagnosis::new("state: cannot be used")),
+    };
+    if let Err(e) = shared.ping().await {
+        return Check::failed(
+            Step::State,
+            format!("redis at {url} does not answer: {e}"),
+            Diagnosis::new("the replicas would serve with local state only (caps, throttle and tokens per replica)")
+                .note("check state.url (host, port, database), the password (state.password, password_file or the URL) and, for rediss://, state.ca_file"),
+        )
+        .fact("url", url);
+    }
+    let Some(store_config) = &config.token_store else {
+        return Check::ok(Step::State, format!("redis at {url} answers (prefix {})", state.prefix)).fact("url", url);
+    };
+    let store = match crate::token::store::TokenStore::open(store_config) {
+        Ok(store) => Arc::new(store),
+        Err(e) => {
+            return Check::failed(
+                Step::State,
+                format!("redis at {url} answers; the token store cannot be opened: {e}"),
+                Diagnosis::default(),
+            )
+        }
+    };
+    let tokens = crate::token::shared::SharedTokens::new(shared, store);
+    match tokens.key_matches().await {
+        Ok(true) => Check::ok(
+            Step::State,
+            format!("redis at {url} answers (prefix {}); this token_store key is the fleet's", state.prefix),
+        )
+        .fact("url", url),
+        Ok(false) => Check::failed(
+            Step::State,
+            format!("redis at {url} answers, but the fleet's tokens are sealed with another token_store key"),
+            Diagnosis::new("replicas with different keys cannot read each other's tokens")
+                .note("give every replica the same key: token_store.key: ${VAR} from one secret, or the same key_file"),
+        )
+        .fact("url", url),
+        Err(e) => Check::failed(Step::State, format!("redis at {url}: {e}"), Diagnosis::default()).fact("url", url),
+    }
 }
 
 async fn diagnose_identity(

@@ -28,6 +28,8 @@ impl Status {
 pub enum Step {
     /// What the checks themselves need: trust roots, the token store.
     Prerequisites,
+    /// The replicas' shared state (`state:`): Redis answers, the key matches.
+    State,
     /// 1. The token endpoint answers (DNS, TLS, HTTP) and knows the tenant.
     Endpoint,
     /// 2. A token is issued.
@@ -42,6 +44,7 @@ impl Step {
     fn label(self) -> &'static str {
         match self {
             Step::Prerequisites => "local",
+            Step::State => "state",
             Step::Endpoint => "endpoint",
             Step::Token => "token",
             Step::Claims => "claims",

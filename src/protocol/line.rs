@@ -4,6 +4,8 @@
 //! framer keeps discarding until the line's own end, and only then reports
 //! [`LineError::TooLong`]. The client's next command therefore starts on a
 //! clean boundary and the answer lines up with the command that caused it.
+//! A line that goes on past a few times the limit without ending is not a
+//! line any more: [`LineError::Endless`], and the peer is not read further.
 
 use bytes::{Buf, BytesMut};
 
@@ -11,18 +13,27 @@ use bytes::{Buf, BytesMut};
 pub enum LineError {
     /// A line exceeded the limit; it has been consumed up to and including its LF.
     TooLong,
+    /// A line ran past [`ENDLESS_FACTOR`] times the limit without ending.
+    Endless,
 }
+
+/// How many times the limit an over-long line may run before it is no longer
+/// waited out: enough for a client that merely overshoots, little enough that
+/// a stream without line ends is cut within a few reads.
+pub const ENDLESS_FACTOR: usize = 4;
 
 #[derive(Debug)]
 pub struct LineFramer {
     max: usize,
     discarding: bool,
+    /// Bytes of the current over-long line thrown away so far.
+    discarded: usize,
 }
 
 impl LineFramer {
     /// `max` counts the line's content, excluding the CRLF.
     pub fn new(max: usize) -> Self {
-        LineFramer { max, discarding: false }
+        LineFramer { max, discarding: false, discarded: 0 }
     }
 
     pub fn max(&self) -> usize {
@@ -44,7 +55,12 @@ impl LineFramer {
                     Err(LineError::TooLong)
                 }
                 None => {
+                    self.discarded = self.discarded.saturating_add(buf.len());
                     buf.clear();
+                    if self.discarded > ENDLESS_FACTOR.saturating_mul(self.max) {
+                        self.discarding = false;
+                        return Err(LineError::Endless);
+                    }
                     Ok(None)
                 }
             };
@@ -62,7 +78,11 @@ impl LineFramer {
             }
             // One byte of slack for a CR that may precede the LF still to come.
             None if buf.len() > self.max + 1 => {
+                self.discarded = buf.len();
                 buf.clear();
+                if self.discarded > ENDLESS_FACTOR.saturating_mul(self.max) {
+                    return Err(LineError::Endless);
+                }
                 self.discarding = true;
                 Ok(None)
             }
@@ -117,15 +137,35 @@ mod tests {
 
     #[test]
     fn oversized_line_does_not_grow_the_buffer() {
-        let mut framer = LineFramer::new(8);
+        let mut framer = LineFramer::new(64);
         let mut buf = BytesMut::new();
-        for _ in 0..1000 {
+        for _ in 0..10 {
             buf.extend_from_slice(b"xxxxxxxxxxxxxxxx");
             assert_eq!(framer.next_line(&mut buf), Ok(None));
-            assert!(buf.len() <= 16);
+            assert!(buf.len() <= 80);
         }
         buf.extend_from_slice(b"\r\nNEXT\r\n");
         assert_eq!(framer.next_line(&mut buf), Err(LineError::TooLong));
         assert_eq!(framer.next_line(&mut buf).map(|l| l.map(|l| l.to_vec())), Ok(Some(b"NEXT".to_vec())));
+    }
+
+    #[test]
+    fn a_line_that_never_ends_is_given_up_on() {
+        for chunk in [1, 7, 64, 1000] {
+            let mut framer = LineFramer::new(64);
+            let mut buf = BytesMut::new();
+            let mut fed = 0;
+            let result = loop {
+                buf.extend_from_slice(&vec![b'x'; chunk]);
+                fed += chunk;
+                match framer.next_line(&mut buf) {
+                    Ok(None) => {}
+                    other => break other,
+                }
+                assert!(fed < 10_000, "still waiting after {fed} bytes");
+            };
+            assert_eq!(result, Err(LineError::Endless), "chunk {chunk}");
+            assert!(fed > ENDLESS_FACTOR * 64 && fed <= ENDLESS_FACTOR * 64 + 65 + chunk, "chunk {chunk}: {fed}");
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod imap;
 pub mod line;
 pub mod pop3;
 pub mod preauth;
+pub mod proxy;
 pub mod reply;
 pub mod smtp;
 
@@ -61,6 +62,9 @@ pub struct SessionOptions {
     pub require_tls: bool,
     /// Passwords may be sent over an unencrypted connection.
     pub plaintext_allowed: bool,
+    /// SMTP: also advertise `AUTH=PLAIN LOGIN`, the pre-RFC 4954 form some
+    /// old clients look for (Postfix's `broken_sasl_auth_clients`).
+    pub auth_equals_line: bool,
 }
 
 impl SessionOptions {
@@ -251,6 +255,7 @@ pub(crate) mod testing {
             tls_active: false,
             require_tls: false,
             plaintext_allowed: true,
+            auth_equals_line: false,
         }
     }
 }

@@ -132,6 +132,7 @@ impl<C: LineCommands> Dialect for LineBased<C> {
             Ok(Some(line)) => self.commands.command(&line, opts, out),
             Ok(None) => return None,
             Err(LineError::TooLong) => Request::Refused(Failure::LineTooLong),
+            Err(LineError::Endless) => Request::Fatal(Failure::LineTooLong),
         };
         Some(Tagged::untagged(request))
     }
@@ -224,6 +225,11 @@ impl<D: Dialect> PreAuth<D> {
                     let line = match self.dialect.line(input) {
                         Ok(Some(line)) => line,
                         Ok(None) => return Next::Read,
+                        Err(LineError::Endless) => {
+                            let tag = tag.take();
+                            D::failure(Failure::LineTooLong, tag.as_deref(), out);
+                            return self.close();
+                        }
                         Err(LineError::TooLong) => {
                             let tag = tag.take();
                             self.state = State::Commands;

@@ -46,6 +46,9 @@ pub enum Failure {
     ShuttingDown,
     /// Too many refused commands before login. Ends the session.
     TooManyErrors,
+    /// Plain text (or nothing) on a listener that expects TLS from the first
+    /// byte: the client is set to the wrong mode. Ends the session.
+    TlsExpected,
     /// The proxy itself ran out of descriptors or memory (not the upstream's
     /// fault). Ends the session.
     ProxyResources,
@@ -53,7 +56,7 @@ pub enum Failure {
 
 impl Failure {
     /// Every kind, for tests that must cover the whole table.
-    pub const ALL: [Failure; 20] = [
+    pub const ALL: [Failure; 21] = [
         Failure::AuthFailed,
         Failure::Temporary,
         Failure::Unavailable,
@@ -73,6 +76,7 @@ impl Failure {
         Failure::StartTlsInjection,
         Failure::ShuttingDown,
         Failure::TooManyErrors,
+        Failure::TlsExpected,
         Failure::ProxyResources,
     ];
 
@@ -87,6 +91,7 @@ impl Failure {
                 | Failure::StartTlsInjection
                 | Failure::ShuttingDown
                 | Failure::TooManyErrors
+                | Failure::TlsExpected
                 | Failure::ProxyResources
         )
     }
@@ -113,6 +118,7 @@ impl Failure {
             Failure::StartTlsInjection => "data pipelined after STARTTLS",
             Failure::ShuttingDown => "shutting down",
             Failure::TooManyErrors => "too many invalid commands",
+            Failure::TlsExpected => "TLS expected from the first byte",
             Failure::ProxyResources => "proxy out of resources",
         }
     }
@@ -156,6 +162,7 @@ pub fn smtp(failure: Failure) -> &'static [u8] {
         }
         Failure::ShuttingDown => b"421 4.3.2 Service shutting down, closing connection\r\n",
         Failure::TooManyErrors => b"421 4.7.0 Too many invalid commands, closing connection\r\n",
+        Failure::TlsExpected => b"421 4.7.0 This port expects TLS from the first byte: set the client to SSL/TLS\r\n",
         Failure::ProxyResources => b"421 4.3.0 Proxy out of resources, try again later\r\n",
     }
 }
@@ -182,6 +189,7 @@ pub fn pop3(failure: Failure) -> &'static [u8] {
         Failure::StartTlsInjection => b"-ERR Data sent after STLS before the TLS handshake\r\n",
         Failure::ShuttingDown => b"-ERR [SYS/TEMP] Server shutting down\r\n",
         Failure::TooManyErrors => b"-ERR Too many invalid commands, closing connection\r\n",
+        Failure::TlsExpected => b"-ERR This port expects TLS from the first byte: set the client to SSL/TLS\r\n",
         Failure::ProxyResources => b"-ERR [SYS/TEMP] Proxy out of resources, try again later\r\n",
     }
 }
@@ -210,6 +218,7 @@ pub fn imap(failure: Failure, tag: Option<&str>, out: &mut Vec<u8>) {
         Failure::StartTlsInjection => ("BYE", "Data sent after STARTTLS before the TLS handshake"),
         Failure::ShuttingDown => ("BYE", "[UNAVAILABLE] Server shutting down"),
         Failure::TooManyErrors => ("BYE", "Too many invalid commands"),
+        Failure::TlsExpected => ("BYE", "This port expects TLS from the first byte: set the client to SSL/TLS"),
         Failure::ProxyResources => ("BYE", "[UNAVAILABLE] Proxy out of resources, try again later"),
     };
     let tag = match (kind, tag) {

@@ -2,7 +2,8 @@
 //! upstream sessions per mailbox, and growing delays after failed logins.
 
 use crate::config::LoginThrottle;
-use std::collections::HashMap;
+use crate::protocol::Protocol;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -101,41 +102,122 @@ impl ConnectionLimiter {
     }
 }
 
-/// Upstream sessions per mailbox, across listeners: Exchange throttles a
-/// mailbox with too many concurrent connections.
-#[derive(Debug)]
+/// Upstream sessions per mailbox and protocol, across the listeners of that
+/// protocol: Exchange refuses a mailbox's sessions beyond its own limits. A
+/// login over the cap waits for a place, first come first served, instead of
+/// being refused.
+#[derive(Debug, Default)]
 pub struct MailboxLimiter {
-    max: usize,
-    counts: Arc<Counter<String>>,
+    slots: Arc<Mutex<HashMap<(Protocol, String), Slots>>>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    open: usize,
+    waiting: VecDeque<Waiter>,
 }
 
 #[derive(Debug)]
+struct Waiter {
+    id: u64,
+    cap: usize,
+    wake: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Holds one upstream session's place until dropped.
+#[derive(Debug)]
 pub struct MailboxGuard {
-    mailbox: String,
-    counts: Arc<Counter<String>>,
+    key: (Protocol, String),
+    slots: Arc<Mutex<HashMap<(Protocol, String), Slots>>>,
 }
 
 impl Drop for MailboxGuard {
     fn drop(&mut self) {
-        self.counts.give_back(&self.mailbox);
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = slots.get_mut(&self.key) {
+            entry.open = entry.open.saturating_sub(1);
+            // Hand the place to the first waiter still waiting that it fits.
+            while let Some(first) = entry.waiting.front() {
+                if entry.open >= first.cap {
+                    break;
+                }
+                let Some(first) = entry.waiting.pop_front() else { break };
+                if first.wake.send(()).is_ok() {
+                    entry.open += 1;
+                    break;
+                }
+            }
+            if entry.open == 0 && entry.waiting.is_empty() {
+                slots.remove(&self.key);
+            }
+        }
     }
 }
+
+/// The wait for a place ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxBusy;
 
 impl MailboxLimiter {
-    pub fn new(max: usize) -> Self {
-        MailboxLimiter { max, counts: Arc::new(Counter::new()) }
+    pub fn new() -> Self {
+        MailboxLimiter::default()
     }
 
-    pub fn try_acquire(&self, mailbox: &str) -> Option<MailboxGuard> {
-        let mailbox = mailbox.to_lowercase();
-        self.counts.try_take(&mailbox, self.max).then(|| MailboxGuard { mailbox, counts: self.counts.clone() })
+    /// A place among `cap` upstream sessions of `mailbox` for `protocol`,
+    /// waiting up to `wait` behind earlier waiters. Returns the guard and
+    /// how long it waited.
+    pub async fn acquire(
+        &self,
+        protocol: Protocol,
+        mailbox: &str,
+        cap: usize,
+        wait: Duration,
+    ) -> Result<(MailboxGuard, Duration), MailboxBusy> {
+        let key = (protocol, mailbox.to_lowercase());
+        let guard = || MailboxGuard { key: key.clone(), slots: self.slots.clone() };
+        let started = Instant::now();
+        let (id, woken) = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = slots.entry(key.clone()).or_default();
+            if entry.waiting.is_empty() && entry.open < cap {
+                entry.open += 1;
+                return Ok((guard(), Duration::ZERO));
+            }
+            let id = NEXT_WAITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (wake, woken) = tokio::sync::oneshot::channel();
+            entry.waiting.push_back(Waiter { id, cap, wake });
+            (id, woken)
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(wait, woken).await {
+            return Ok((guard(), started.elapsed()));
+        }
+        // Timed out (or cancelled): leave the queue, unless a place was handed
+        // over at the last moment, which is then this attempt's.
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = slots.get_mut(&key) else { return Err(MailboxBusy) };
+        match entry.waiting.iter().position(|w| w.id == id) {
+            Some(at) => {
+                entry.waiting.remove(at);
+                if entry.open == 0 && entry.waiting.is_empty() {
+                    slots.remove(&key);
+                }
+                Err(MailboxBusy)
+            }
+            None => {
+                drop(slots);
+                Ok((guard(), started.elapsed()))
+            }
+        }
     }
 
-    /// A new cap over the same counts (a reload).
-    pub fn with_max(&self, max: usize) -> Self {
-        MailboxLimiter { max, counts: self.counts.clone() }
+    /// Upstream sessions open now for `mailbox` and `protocol`.
+    pub fn open(&self, protocol: Protocol, mailbox: &str) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.get(&(protocol, mailbox.to_lowercase())).map_or(0, |e| e.open)
     }
 }
+
+static NEXT_WAITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[derive(Debug)]
 struct Record {
@@ -164,12 +246,18 @@ const MAX_RECORDS: usize = 50_000;
 /// every attempt from the address (or for the username) waits for the one
 /// before it, including that one's delay, so parallel connections guess no
 /// faster than one.
+///
+/// With `state:`, the failure counts are the fleet's: each attempt first
+/// adopts the shared counts for its address and username, and each failure
+/// is counted in Redis too, so guesses spread over replicas are slowed as
+/// one. The gate stays per replica (it holds attempts in this process).
 #[derive(Debug)]
 pub struct LoginThrottler {
     config: LoginThrottle,
     /// Shared with the throttler a reload makes ([`LoginThrottler::with_config`]).
     by_ip: Arc<Mutex<HashMap<IpAddr, Record>>>,
     by_user: Arc<Mutex<HashMap<String, Record>>>,
+    shared: Option<Arc<crate::state::SharedState>>,
 }
 
 /// How an attempt got past one record: freely, or holding its gate.
@@ -191,14 +279,33 @@ pub struct Attempt<'a> {
 impl Attempt<'_> {
     /// Records a failed login; returns how long to wait before answering.
     /// Keep the attempt alive while waiting: gated attempts behind it wait too.
-    pub fn failed(&self) -> Duration {
-        self.throttle.failed(self.ip, &self.user)
+    pub async fn failed(&self) -> Duration {
+        let local = self.throttle.count_failure(self.ip, &self.user);
+        let fleet = match &self.throttle.shared {
+            Some(shared) if shared.is_up() => {
+                match shared.fail(self.ip, &self.user, self.throttle.config.forget_after).await {
+                    Ok((by_ip, by_user)) => {
+                        self.throttle.adopt(self.ip, &self.user, by_ip, by_user);
+                        by_ip.max(by_user)
+                    }
+                    Err(_) => 0,
+                }
+            }
+            _ => 0,
+        };
+        self.throttle.delay_for(local.max(fleet))
     }
 
     /// A successful login clears the username's record (not the address's:
     /// one good password must not let an address keep guessing others).
     pub fn succeeded(&self) {
         self.throttle.succeeded(&self.user);
+        if let Some(shared) = self.throttle.shared.clone().filter(|s| s.is_up()) {
+            let user = self.user.clone();
+            tokio::spawn(async move {
+                let _ = shared.clear_user(&user).await;
+            });
+        }
     }
 }
 
@@ -215,13 +322,40 @@ impl Drop for Attempt<'_> {
 
 impl LoginThrottler {
     pub fn new(config: LoginThrottle) -> Self {
-        LoginThrottler { config, by_ip: Arc::default(), by_user: Arc::default() }
+        LoginThrottler { config, by_ip: Arc::default(), by_user: Arc::default(), shared: None }
     }
 
     /// New settings over the same records (a reload): failures already
-    /// counted, and attempts waiting at a gate, carry over.
+    /// counted, attempts waiting at a gate and the fleet's shared counts
+    /// carry over.
     pub fn with_config(&self, config: LoginThrottle) -> Self {
-        LoginThrottler { config, by_ip: self.by_ip.clone(), by_user: self.by_user.clone() }
+        LoginThrottler { config, by_ip: self.by_ip.clone(), by_user: self.by_user.clone(), shared: self.shared.clone() }
+    }
+
+    /// Counts failures for the whole fleet in the shared state as well.
+    pub fn with_shared(mut self, shared: Option<Arc<crate::state::SharedState>>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Takes the fleet's counts where they are higher than this replica's,
+    /// as failures seen just now (they are forgotten `forget_after` later).
+    fn adopt(&self, ip: IpAddr, user: &str, by_ip: u32, by_user: u32) {
+        let now = Instant::now();
+        if by_ip > 0 {
+            self.raise(&mut self.by_ip.lock().unwrap_or_else(|e| e.into_inner()), &ip, by_ip, now);
+        }
+        if by_user > 0 {
+            self.raise(&mut self.by_user.lock().unwrap_or_else(|e| e.into_inner()), &user.to_string(), by_user, now);
+        }
+    }
+
+    fn raise<K: Hash + Eq + Clone>(&self, map: &mut HashMap<K, Record>, key: &K, n: u32, now: Instant) {
+        let record = self.record(map, key, now);
+        if n > record.failures {
+            record.failures = n;
+            record.last = now;
+        }
     }
 
     /// Admits an attempt from `ip` for `username`, waiting behind the
@@ -229,6 +363,11 @@ impl LoginThrottler {
     /// is always passed first, so two attempts never wait for each other.
     pub async fn admit(&self, ip: IpAddr, username: &str) -> Attempt<'_> {
         let user = username.to_lowercase();
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.is_up()) {
+            if let Ok((by_ip, by_user)) = shared.failures(ip, &user).await {
+                self.adopt(ip, &user, by_ip, by_user);
+            }
+        }
         let by_ip = self.pass(&self.by_ip, &ip).await;
         let by_user = self.pass(&self.by_user, &user).await;
         Attempt { throttle: self, ip, user, passes: [by_ip, by_user] }
@@ -236,13 +375,8 @@ impl LoginThrottler {
 
     async fn pass<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> Pass {
         let gate = {
-            let now = Instant::now();
             let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-            self.prune(&mut map, now);
-            let record = map.entry(key.clone()).or_insert_with(|| Record::new(now));
-            if now.duration_since(record.last) >= self.config.forget_after {
-                record.failures = 0;
-            }
+            let record = self.record(&mut map, key, Instant::now());
             if record.failures + record.in_flight < self.config.free_failures.max(1) {
                 record.in_flight += 1;
                 return Pass::Free;
@@ -268,14 +402,25 @@ impl LoginThrottler {
         }
     }
 
-    fn bump<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> u32 {
-        let now = Instant::now();
-        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-        self.prune(&mut map, now);
+    /// The record for `key`, its failures forgotten if they are old enough.
+    fn record<'m, K: Hash + Eq + Clone>(
+        &self,
+        map: &'m mut HashMap<K, Record>,
+        key: &K,
+        now: Instant,
+    ) -> &'m mut Record {
+        self.prune(map, now);
         let record = map.entry(key.clone()).or_insert_with(|| Record::new(now));
         if now.duration_since(record.last) >= self.config.forget_after {
             record.failures = 0;
         }
+        record
+    }
+
+    fn bump<K: Hash + Eq + Clone>(&self, map: &Mutex<HashMap<K, Record>>, key: &K) -> u32 {
+        let now = Instant::now();
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.record(&mut map, key, now);
         record.failures += 1;
         record.last = now;
         record.failures
@@ -283,9 +428,14 @@ impl LoginThrottler {
 
     /// Records a failed login and returns how long to wait before answering.
     pub fn failed(&self, ip: IpAddr, username: &str) -> Duration {
+        self.delay_for(self.count_failure(ip, username))
+    }
+
+    /// Records a failed login in this replica's records; the higher count.
+    fn count_failure(&self, ip: IpAddr, username: &str) -> u32 {
         let by_ip = self.bump(&self.by_ip, &ip);
         let by_user = self.bump(&self.by_user, &username.to_lowercase());
-        self.delay_for(by_ip.max(by_user))
+        by_ip.max(by_user)
     }
 
     fn delay_for(&self, failures: u32) -> Duration {
@@ -322,15 +472,50 @@ mod tests {
         let _g4 = limiter.try_admit(b).unwrap();
     }
 
-    #[test]
-    fn mailbox_cap_ignores_case() {
-        let limiter = MailboxLimiter::new(2);
-        let g1 = limiter.try_acquire("Scanner@Contoso.com").unwrap();
-        let _g2 = limiter.try_acquire("scanner@contoso.com").unwrap();
-        assert!(limiter.try_acquire("SCANNER@contoso.com").is_none());
-        assert!(limiter.try_acquire("other@contoso.com").is_some());
+    #[tokio::test(start_paused = true)]
+    async fn mailbox_caps_are_per_protocol_ignore_case_and_wait_in_order() {
+        let limiter = MailboxLimiter::new();
+        let wait = Duration::from_secs(20);
+        let (g1, _) = limiter.acquire(Protocol::Smtp, "Scanner@Contoso.com", 2, wait).await.unwrap();
+        let (_g2, _) = limiter.acquire(Protocol::Smtp, "scanner@contoso.com", 2, wait).await.unwrap();
+        // Another protocol, or another mailbox, has its own places.
+        let (_imap, waited) = limiter.acquire(Protocol::Imap, "scanner@contoso.com", 2, wait).await.unwrap();
+        assert_eq!(waited, Duration::ZERO);
+        assert!(limiter.acquire(Protocol::Smtp, "other@contoso.com", 2, wait).await.is_ok());
+        // Over the cap: wait, first come first served.
+        let l = Arc::new(limiter);
+        let waiters: Vec<_> = (0..3)
+            .map(|i| {
+                let l = l.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(i)).await;
+                    let (guard, waited) = l.acquire(Protocol::Smtp, "SCANNER@contoso.com", 2, wait).await.unwrap();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    drop(guard);
+                    (i, waited.as_secs_f64().round() as u64)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(l.open(Protocol::Smtp, "scanner@contoso.com"), 2);
         drop(g1);
-        assert!(limiter.try_acquire("scanner@contoso.com").is_some());
+        let mut got = Vec::new();
+        for w in waiters {
+            got.push(w.await.unwrap());
+        }
+        // The first waiter gets g1's place after 1 s; the next ones each a
+        // place freed 5 s later; never more than 2 open.
+        assert_eq!(got, [(0, 1), (1, 6), (2, 11)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_runs_out_and_leaves_no_trace() {
+        let limiter = MailboxLimiter::new();
+        let (g, _) = limiter.acquire(Protocol::Pop3, "m", 1, Duration::ZERO).await.unwrap();
+        assert_eq!(limiter.acquire(Protocol::Pop3, "m", 1, Duration::from_secs(3)).await.unwrap_err(), MailboxBusy);
+        drop(g);
+        assert_eq!(limiter.open(Protocol::Pop3, "m"), 0);
+        assert!(limiter.slots.lock().unwrap().is_empty());
     }
 
     fn throttler() -> LoginThrottler {
@@ -368,7 +553,7 @@ mod tests {
                 let t = t.clone();
                 tokio::spawn(async move {
                     let attempt = t.admit(ip, &format!("guess{i}")).await;
-                    let delay = attempt.failed();
+                    let delay = attempt.failed().await;
                     tokio::time::sleep(delay).await;
                     started.elapsed()
                 })

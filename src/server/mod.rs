@@ -16,8 +16,11 @@
 //! settings did not change, the verification pool and its memory of recent
 //! logins (unless `password_verification` changed), learned capabilities.
 
+mod balancer;
 mod caps;
+pub mod fleet;
 pub mod limits;
+mod local_tls;
 mod session;
 mod stream;
 
@@ -31,14 +34,14 @@ use crate::upstream::{BadServerName, Upstream};
 use crate::verifier::Verifier;
 use caps::CapabilityCache;
 use limits::{ConnectionLimiter, LoginThrottler, MailboxLimiter, Refusal};
-use rustls::{ClientConfig, ServerConfig};
+use local_tls::{Certificates, LocalTls};
+use rustls::ClientConfig;
 use session::Signals;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use stream::ClientStream;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -55,33 +58,16 @@ pub struct Shared {
     /// unless `password_verification` changes.
     pub verifier: Verifier,
     pub throttle: LoginThrottler,
-    pub mailboxes: MailboxLimiter,
+    /// Upstream sessions per mailbox: this process's counts, or the
+    /// fleet's (`state:`), behind one interface.
+    pub mailboxes: Arc<dyn fleet::SessionSlots>,
+    /// With `state:`, the link to the replicas' Redis.
+    pub state: Option<Arc<crate::state::SharedState>>,
 }
 
 impl Shared {
     pub fn accounts(&self) -> Arc<Accounts> {
         self.accounts.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// The server certificate for local TLS, replaceable while running.
-pub struct LocalTls {
-    implicit: bool,
-    config: Arc<RwLock<Arc<ServerConfig>>>,
-}
-
-impl LocalTls {
-    async fn accept(&self, stream: ClientStream, timeout: Duration) -> std::io::Result<ClientStream> {
-        let ClientStream::Plain(tcp) = stream else {
-            return Err(std::io::Error::other("TLS is already active"));
-        };
-        let config = self.config.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => Ok(ClientStream::Tls(Box::new(tls))),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")),
-        }
     }
 }
 
@@ -115,6 +101,8 @@ pub enum StartError {
     ShuttingDown,
     #[error("the reload was interrupted")]
     Interrupted,
+    #[error("state: {0}")]
+    State(#[from] crate::state::StateError),
 }
 
 /// A listener's socket and the accept loop serving it.
@@ -140,7 +128,10 @@ struct Running {
     listeners: Vec<Bound>,
     admin: Option<AdminBound>,
     shared: Arc<Shared>,
-    server_tls: Option<Arc<RwLock<Arc<ServerConfig>>>>,
+    /// Every listener's local TLS acceptor, re-read by a reload.
+    certificates: Certificates,
+    /// As the process started: the shared state connects at start only.
+    state: Option<crate::config::StateConfig>,
     shutdown_timeout: Duration,
     password_verification: PasswordVerification,
     /// Verifications computed by pools a reload replaced, so the metric
@@ -167,18 +158,9 @@ pub struct Proxy {
     core: Arc<Core>,
 }
 
-/// The server certificate local TLS needs, if any listener uses it.
-fn server_tls_for(config: &Config) -> Result<Option<Arc<ServerConfig>>, TlsError> {
-    let needs_tls = config.listeners.iter().any(|l| l.local_tls != LocalTlsMode::None);
-    match (&config.tls, needs_tls) {
-        (Some(files), true) => Ok(Some(tls::server_config(&files.cert_file, &files.key_file)?)),
-        _ => Ok(None),
-    }
-}
-
-async fn bind_listener(l: &ListenerConfig) -> Result<(Arc<TcpListener>, SocketAddr), StartError> {
+fn bind_listener(l: &ListenerConfig) -> Result<(Arc<TcpListener>, SocketAddr), StartError> {
     let fail = |source| StartError::Bind { listener: l.name.clone(), addr: l.bind, source };
-    let socket = TcpListener::bind(l.bind).await.map_err(fail)?;
+    let socket = listen(l).map_err(fail)?;
     let addr = socket.local_addr().map_err(fail)?;
     Ok((Arc::new(socket), addr))
 }
@@ -196,16 +178,12 @@ fn listener_ctx(
     l: &ListenerConfig,
     client_tls: &Arc<ClientConfig>,
     shared: &Arc<Shared>,
-    server_tls: &Option<Arc<RwLock<Arc<ServerConfig>>>>,
+    local_tls: Option<LocalTls>,
     metrics: &Metrics,
     previous: Option<&ListenerCtx>,
 ) -> Result<ListenerCtx, StartError> {
     let upstream = Upstream::new(l, client_tls.clone())
         .map_err(|source| StartError::Listener { listener: l.name.clone(), source })?;
-    let local_tls = match (l.local_tls, server_tls) {
-        (LocalTlsMode::None, _) | (_, None) => None,
-        (mode, Some(config)) => Some(LocalTls { implicit: mode == LocalTlsMode::Implicit, config: config.clone() }),
-    };
     let (max, per_ip) = (l.limits.max_connections, l.limits.max_connections_per_ip);
     let same_upstream = |p: &&ListenerCtx| {
         p.config.protocol == l.protocol && p.config.upstream == l.upstream && p.config.upstream_tls == l.upstream_tls
@@ -229,22 +207,34 @@ impl Proxy {
         tls::install_default_provider();
         let metrics = Arc::new(Metrics::new()?);
         let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
-        let tokens = crate::token::manager_for(config, client_tls.clone(), Some(metrics.clone()))?;
+        let state = match &config.state {
+            Some(state) => Some(crate::state::SharedState::connect(state).await?),
+            None => None,
+        };
+        let tokens = crate::token::manager_counted(
+            config,
+            crate::token::shared_context_for(config, client_tls.clone(), state.clone())?,
+            Some(metrics.clone()),
+        )?;
         let accounts = Accounts::from_config(config);
-        let verifier = Verifier::start(&config.password_verification, accounts.max_m_cost());
+        let verifier = Verifier::start(&config.password_verification);
         let shared = Arc::new(Shared {
             accounts: RwLock::new(Arc::new(accounts)),
             tokens: tokens.clone(),
             verifier,
-            throttle: LoginThrottler::new(config.login_throttle.clone()),
-            mailboxes: MailboxLimiter::new(config.max_sessions_per_mailbox),
+            throttle: LoginThrottler::new(config.login_throttle.clone()).with_shared(state.clone()),
+            mailboxes: match &state {
+                Some(state) => Arc::new(fleet::FleetSlots::new(state.clone(), Arc::new(MailboxLimiter::new()))),
+                None => Arc::new(MailboxLimiter::new()),
+            },
+            state,
         });
-        let server_tls = server_tls_for(config)?.map(|c| Arc::new(RwLock::new(c)));
+        let certificates = Certificates::default().stage(Certificates::load(config)?);
         let signals = Signals::new();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let (socket, addr) = bind_listener(l).await?;
-            let ctx = listener_ctx(l, &client_tls, &shared, &server_tls, &metrics, None)?;
+            let (socket, addr) = bind_listener(l)?;
+            let ctx = listener_ctx(l, &client_tls, &shared, certificates.for_listener(l), &metrics, None)?;
             listeners.push(Bound { ctx: Arc::new(ctx), socket, addr, stop: signals.drain.child_token() });
         }
         let admin = match &config.admin {
@@ -255,7 +245,8 @@ impl Proxy {
             listeners,
             admin,
             shared,
-            server_tls,
+            certificates: certificates.commit().0,
+            state: config.state.clone(),
             shutdown_timeout: config.shutdown_timeout,
             password_verification: config.password_verification.clone(),
             retired_verifications: 0,
@@ -292,6 +283,12 @@ impl Proxy {
     /// The token cache the sessions use (for the service status line).
     pub fn tokens(&self) -> TokenManager {
         self.core.tokens.clone()
+    }
+
+    /// With `state:`, the link to the replicas' Redis: whether it is in use
+    /// (`is_up`) is what `/readyz` and the metrics report.
+    pub fn shared_state(&self) -> Option<Arc<crate::state::SharedState>> {
+        self.core.running.lock().unwrap_or_else(|e| e.into_inner()).shared.state.clone()
     }
 
     /// A handle that applies a re-read configuration while [`Proxy::run`] owns the proxy.
@@ -418,12 +415,24 @@ impl crate::admin::Backend for Core {
         self.tokens.readiness()
     }
 
+    /// Ready, but without the fleet's state: this replica serves with local
+    /// state (its own caps, counts and token requests), which is why it stays
+    /// ready (every replica losing Redis at once must not take them all out).
+    fn degraded(&self) -> Option<String> {
+        let state = self.running.lock().unwrap_or_else(|e| e.into_inner()).shared.state.clone()?;
+        (!state.is_up()).then(|| format!("shared state unreachable ({}): serving with local state", state.url()))
+    }
+
     fn snapshot(&self) -> crate::metrics::Snapshot {
-        let verifications = {
+        let (verifications, state) = {
             let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            running.retired_verifications + running.shared.verifier.verifications()
+            (running.retired_verifications + running.shared.verifier.verifications(), running.shared.state.clone())
         };
-        crate::metrics::Snapshot { tokens: self.tokens.lifetimes(), verifications }
+        crate::metrics::Snapshot {
+            tokens: self.tokens.lifetimes(),
+            verifications,
+            shared_state_up: state.map(|s| s.is_up()),
+        }
     }
 }
 
@@ -436,15 +445,48 @@ enum AdminChange {
 /// What a reload reads from files, built before anything changes.
 struct Prepared {
     client_tls: Arc<ClientConfig>,
-    server_tls: Option<Arc<ServerConfig>>,
+    certificates: local_tls::Loaded,
     identities: Vec<IdentityPlan>,
 }
 
-fn prepare(config: &Config, tokens: &TokenManager) -> Result<Prepared, StartError> {
+/// `state`: the shared state the process started with, which new token
+/// sources go through like the first ones.
+fn prepare(
+    config: &Config,
+    tokens: &TokenManager,
+    state: Option<Arc<crate::state::SharedState>>,
+) -> Result<Prepared, StartError> {
     let client_tls = tls::client_config(config.upstream_ca_file.as_deref())?;
-    let server_tls = server_tls_for(config)?;
-    let identities = crate::token::plan_for(config, client_tls.clone(), tokens)?;
-    Ok(Prepared { client_tls, server_tls, identities })
+    let certificates = Certificates::load(config)?;
+    let identities = crate::token::plan_for(config, client_tls.clone(), state, tokens)?;
+    Ok(Prepared { client_tls, certificates, identities })
+}
+
+/// The kernel's cap on a listener's accept queue (`net.core.somaxconn`);
+/// Linux's default since 5.4 where it cannot be read.
+fn kernel_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(4096)
+}
+
+/// Binds `l.bind` with an accept queue that holds a burst: std and tokio ask
+/// for 128, and when a thousand clients connect at once the kernel drops the
+/// final ACK of those that do not fit (`ListenOverflows`), leaving them
+/// waiting seconds for retransmissions before their greeting. Sets
+/// SO_REUSEADDR as std's bind does.
+fn listen(l: &ListenerConfig) -> std::io::Result<TcpListener> {
+    let kernel = kernel_backlog();
+    let backlog = l.limits.listen_backlog.unwrap_or(kernel);
+    if backlog > kernel {
+        warn!(
+            listener = %l.name,
+            listen_backlog = backlog,
+            "the kernel caps the accept queue at {kernel} (net.core.somaxconn)"
+        );
+    }
+    let socket = if l.bind.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(l.bind)?;
+    socket.listen(backlog)
 }
 
 /// Applies a reloaded configuration (SIGHUP) to a running proxy.
@@ -469,8 +511,9 @@ impl Reloader {
         }
         // Files are read on the blocking pool, not the threads serving clients.
         let tokens = core.tokens.clone();
+        let state = core.running.lock().unwrap_or_else(|e| e.into_inner()).shared.state.clone();
         let (config, prepared) = tokio::task::spawn_blocking(move || {
-            let prepared = prepare(&config, &tokens);
+            let prepared = prepare(&config, &tokens, state);
             (config, prepared)
         })
         .await
@@ -484,7 +527,7 @@ impl Reloader {
             addr: SocketAddr,
             ctx: Arc<ListenerCtx>,
         }
-        let (old, old_admin, old_shared, old_tls, old_pool) = {
+        let (old, old_admin, old_shared, certificates, old_pool, state_changed) = {
             let running = core.running.lock().unwrap_or_else(|e| e.into_inner());
             let old: Vec<Old> = running
                 .listeners
@@ -498,7 +541,10 @@ impl Reloader {
                 })
                 .collect();
             let admin = running.admin.as_ref().map(|a| a.bind);
-            (old, admin, running.shared.clone(), running.server_tls.clone(), running.password_verification.clone())
+            // The acceptors are only staged here: they change at the swap.
+            let certificates = running.certificates.stage(prepared.certificates);
+            let state_changed = running.state != config.state;
+            (old, admin, running.shared.clone(), certificates, running.password_verification.clone(), state_changed)
         };
 
         // Sockets: a listener keeps its socket if its name and bind are
@@ -511,7 +557,7 @@ impl Reloader {
             sockets.push(match taken {
                 Some(o) => (o.socket.clone(), o.addr, false),
                 None => {
-                    let (socket, addr) = bind_listener(l).await?;
+                    let (socket, addr) = bind_listener(l)?;
                     (socket, addr, true)
                 }
             });
@@ -529,24 +575,24 @@ impl Reloader {
         let pool_changed = config.password_verification != old_pool;
         let verifier = match pool_changed {
             false => old_shared.verifier.clone(),
-            true => Verifier::start(&config.password_verification, accounts.max_m_cost()),
+            true => Verifier::start(&config.password_verification),
         };
         let shared = Arc::new(Shared {
             accounts: RwLock::new(Arc::new(accounts)),
             tokens: core.tokens.clone(),
             verifier,
             throttle: old_shared.throttle.with_config(config.login_throttle.clone()),
-            mailboxes: old_shared.mailboxes.with_max(config.max_sessions_per_mailbox),
+            // The caps are the listeners' (`session_caps`, `session_wait`):
+            // the same slots, so open sessions and waiting logins carry over.
+            mailboxes: old_shared.mailboxes.clone(),
+            // Connected at start only; a changed `state:` waits for a restart.
+            state: old_shared.state.clone(),
         });
-        let server_tls = match (&prepared.server_tls, old_tls) {
-            (None, _) => None,
-            (Some(_), Some(slot)) => Some(slot),
-            (Some(fresh), None) => Some(Arc::new(RwLock::new(fresh.clone()))),
-        };
         let mut listeners = Vec::new();
         for (l, (socket, addr, fresh)) in config.listeners.iter().zip(sockets) {
             let previous = old.iter().find(|o| o.name == l.name).map(|o| o.ctx.as_ref());
-            let ctx = listener_ctx(l, &prepared.client_tls, &shared, &server_tls, &core.metrics, previous)?;
+            let local_tls = certificates.for_listener(l);
+            let ctx = listener_ctx(l, &prepared.client_tls, &shared, local_tls, &core.metrics, previous)?;
             let bound = Bound { ctx: Arc::new(ctx), socket, addr, stop: core.signals.drain.child_token() };
             listeners.push((bound, fresh));
         }
@@ -559,13 +605,7 @@ impl Reloader {
                 return Err(StartError::ShuttingDown);
             }
             let applied = core.tokens.apply(prepared.identities);
-            let certificate = match (&server_tls, prepared.server_tls) {
-                (Some(slot), Some(fresh)) => {
-                    *slot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-                    true
-                }
-                _ => false,
-            };
+            let (certificates, reread) = certificates.commit();
             let names: Vec<(String, SocketAddr)> =
                 listeners.iter().map(|(b, _)| (b.ctx.config.name.clone(), b.addr)).collect();
             let mut changes = Vec::new();
@@ -608,13 +648,16 @@ impl Reloader {
                 running.retired_verifications += old_shared.verifier.verifications();
             }
             running.shared = shared;
-            running.server_tls = server_tls;
+            running.certificates = certificates;
             running.shutdown_timeout = config.shutdown_timeout;
             running.password_verification = config.password_verification.clone();
             let mut summary =
-                summarize(&names, &changes, &applied, config.accounts.len(), certificate, admin_change, pool_changed);
+                summarize(&names, &changes, &applied, config.accounts.len(), reread, admin_change, pool_changed);
             if !crate::telemetry::reconfigure(&config.log) {
                 summary.push_str("; log.format applies at the next start");
+            }
+            if state_changed {
+                summary.push_str("; state applies at the next start (the replica keeps its shared state link)");
             }
             summary
         };
@@ -645,7 +688,7 @@ fn summarize(
     changes: &[String],
     applied: &Applied,
     accounts: usize,
-    certificate: bool,
+    certificates: usize,
     admin: Option<String>,
     pool: bool,
 ) -> String {
@@ -665,8 +708,10 @@ fn summarize(
         out.push_str(&format!(" ({})", ids.join(", ")));
     }
     out.push_str(&format!(", {}", plural(accounts, "account", "accounts")));
-    if certificate {
-        out.push_str(", the local TLS certificate");
+    match certificates {
+        0 => {}
+        1 => out.push_str(", the local TLS certificate"),
+        n => out.push_str(&format!(", the local TLS certificates of {n} listeners")),
     }
     if let Some(admin) = admin {
         out.push_str(&format!(", {admin}"));
@@ -715,38 +760,35 @@ async fn accept_loop(
             accepted = socket.accept() => accepted,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                let allowed = &ctx.config.allow_from;
-                if !allowed.is_empty() && !allowed.iter().any(|range| range.contains(peer.ip())) {
-                    info!(listener = %ctx.config.name, client.addr = %peer, "connection refused: address not in allow_from");
-                    ctx.metrics.refused(Refused::AllowFrom);
+            Ok((mut tcp, peer)) => {
+                let Some(from) = &ctx.config.proxy_protocol_from else {
+                    admit(&ctx, tcp, peer, &signals, &tracker);
+                    continue;
+                };
+                if !balancer::trusted(from, peer) {
+                    warn!(listener = %ctx.config.name, balancer.addr = %peer, "connection refused: PROXY protocol is only accepted from proxy_protocol_from, which does not list this address");
+                    ctx.metrics.refused(Refused::ProxyProtocol);
                     continue;
                 }
-                let admitted = match ctx.connections.try_admit(peer.ip()) {
-                    Ok(guard) => guard,
-                    Err(refusal) => {
-                        let (what, limit, why) = match refusal {
-                            Refusal::ListenerFull => {
-                                ("max_connections", ctx.config.limits.max_connections, Refused::MaxConnections)
-                            }
-                            Refusal::AddressFull => (
-                                "max_connections_per_ip",
-                                ctx.config.limits.max_connections_per_ip,
-                                Refused::MaxConnectionsPerIp,
-                            ),
-                        };
-                        ctx.metrics.refused(why);
-                        warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
-                        tracker.spawn(turn_away(ctx.clone(), tcp, Failure::TooManyConnections));
-                        continue;
-                    }
-                };
-                ctx.metrics.accepted();
-                let open = signals.session_opened();
-                let (ctx, signals) = (ctx.clone(), signals.clone());
+                // The header is read in the connection's own task: a slow
+                // balancer connection must not hold up the accept loop.
+                let (ctx, signals, inner) = (ctx.clone(), signals.clone(), tracker.clone());
                 tracker.spawn(async move {
-                    let _held = (open, admitted);
-                    dispatch(ctx, tcp, peer, signals).await;
+                    let timeout = balancer::HEADER_TIMEOUT.min(ctx.config.limits.preauth_timeout);
+                    let client = tokio::select! {
+                        _ = signals.drain.cancelled() => return,
+                        client = balancer::client_addr(&mut tcp, peer, timeout) => client,
+                    };
+                    match client {
+                        Ok(client) => {
+                            debug!(listener = %ctx.config.name, client.addr = %client, balancer.addr = %peer, "PROXY protocol header read");
+                            admit(&ctx, tcp, client, &signals, &inner);
+                        }
+                        Err(e) => {
+                            warn!(listener = %ctx.config.name, balancer.addr = %peer, error = %e, "connection refused: no valid PROXY protocol header");
+                            ctx.metrics.refused(Refused::ProxyProtocol);
+                        }
+                    }
                 });
             }
             Err(e) if crate::upstream::is_exhaustion(&e) => {
@@ -773,10 +815,45 @@ async fn accept_loop(
     }
 }
 
+/// Admits a connection from `peer` (the real client's address, behind a
+/// balancer): `allow_from`, the connection caps, then its session task.
+fn admit(ctx: &Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: &Signals, tracker: &TaskTracker) {
+    let allowed = &ctx.config.allow_from;
+    if !allowed.is_empty() && !allowed.iter().any(|range| range.contains(peer.ip())) {
+        info!(listener = %ctx.config.name, client.addr = %peer, "connection refused: address not in allow_from");
+        ctx.metrics.refused(Refused::AllowFrom);
+        return;
+    }
+    let admitted = match ctx.connections.try_admit(peer.ip()) {
+        Ok(guard) => guard,
+        Err(refusal) => {
+            let (what, limit, why) = match refusal {
+                Refusal::ListenerFull => {
+                    ("max_connections", ctx.config.limits.max_connections, Refused::MaxConnections)
+                }
+                Refusal::AddressFull => {
+                    ("max_connections_per_ip", ctx.config.limits.max_connections_per_ip, Refused::MaxConnectionsPerIp)
+                }
+            };
+            ctx.metrics.refused(why);
+            warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
+            tracker.spawn(turn_away(ctx.clone(), tcp, Failure::TooManyConnections));
+            return;
+        }
+    };
+    ctx.metrics.accepted();
+    let open = signals.session_opened();
+    let (ctx, signals) = (ctx.clone(), signals.clone());
+    tracker.spawn(async move {
+        let _held = (open, admitted);
+        dispatch(ctx, tcp, peer, signals).await;
+    });
+}
+
 /// Tells a client turned away at accept why, then hangs up. (On an
 /// implicit-TLS listener there is no way to say it in the clear.)
 async fn turn_away(ctx: Arc<ListenerCtx>, mut tcp: TcpStream, failure: Failure) {
-    if ctx.local_tls.as_ref().is_some_and(|t| t.implicit) {
+    if ctx.local_tls.as_ref().is_some_and(|t| t.mode == LocalTlsMode::Implicit) {
         return;
     }
     let reply = crate::protocol::reply::for_protocol(ctx.config.protocol, failure, None);

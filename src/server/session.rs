@@ -2,10 +2,12 @@
 //! then the splice. Generic over the protocol's [`Spec`]; nothing here
 //! depends on which protocol it is.
 
-use super::limits::MailboxGuard;
+use super::fleet::SessionSlot;
+use super::limits::MailboxBusy;
 use super::stream::ClientStream;
 use super::ListenerCtx;
 use crate::accounts::AuthError;
+use crate::config::LocalTls as LocalTlsMode;
 use crate::metrics::{LoginResult as Counted, Phase, PhaseGuard};
 use crate::protocol::{Failure, LoginRequest, Next, PreAuth, SessionOptions, Spec, Xoauth2User};
 use crate::sasl::xoauth2;
@@ -75,19 +77,9 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
         // connection (and its place under the per-address cap) for longer.
         let deadline = Instant::now() + ctx.config.limits.login_deadline;
         let _ = tcp.set_nodelay(true);
-        let stream = ClientStream::Plain(tcp);
-        let stream = match &ctx.local_tls {
-            Some(tls) if tls.implicit => {
-                let timeout = ctx.config.limits.preauth_timeout.min(deadline.saturating_duration_since(Instant::now()));
-                match tls.accept(stream, timeout).await {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        debug!(error = %e, "TLS handshake with the client failed");
-                        return;
-                    }
-                }
-            }
-            _ => stream,
+        let stream = match start_tls(&ctx, tcp, deadline).await {
+            Some(stream) => stream,
+            None => return,
         };
         Session::<P> {
             phase,
@@ -106,6 +98,73 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
     }
     .instrument(span)
     .await
+}
+
+/// How long an implicit-TLS listener waits for a client's ClientHello
+/// before concluding that the client waits for a plain-text greeting: TLS
+/// clients send it at once.
+const CLIENT_HELLO_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a `local_tls: auto` listener waits for the client's first byte
+/// before greeting in plain text: the cost every plain-text client pays on
+/// such a port.
+pub const AUTO_TLS_WAIT: Duration = Duration::from_millis(500);
+
+/// The first byte of a TLS record carrying a handshake (the ClientHello);
+/// no plain-text command of SMTP, IMAP or POP3 starts with it.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The client connection as the pre-auth dialogue starts: TLS first where the
+/// listener wants it (implicit), or where the client starts it (auto).
+/// `None`: the connection is over (logged).
+async fn start_tls(ctx: &ListenerCtx, tcp: TcpStream, deadline: Instant) -> Option<ClientStream> {
+    let Some(tls) = &ctx.local_tls else {
+        return Some(ClientStream::Plain(tcp));
+    };
+    let first = |wait: Duration| {
+        let tcp = &tcp;
+        async move {
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(wait, tcp.peek(&mut byte)).await {
+                Ok(Ok(1)) => Some(byte[0]),
+                _ => None,
+            }
+        }
+    };
+    match tls.mode {
+        LocalTlsMode::Starttls | LocalTlsMode::None => return Some(ClientStream::Plain(tcp)),
+        LocalTlsMode::Auto => {
+            if first(AUTO_TLS_WAIT).await != Some(TLS_HANDSHAKE) {
+                return Some(ClientStream::Plain(tcp));
+            }
+        }
+        LocalTlsMode::Implicit => {
+            let spoke = first(CLIENT_HELLO_WAIT).await;
+            if spoke != Some(TLS_HANDSHAKE) {
+                // A plain-text client: it understands this answer, so say why.
+                let why = if spoke.is_some() {
+                    "sent plain text"
+                } else {
+                    "sent nothing (it waits for a plain-text greeting)"
+                };
+                info!(
+                    "the client {why} on an implicit-TLS port: set it to SSL/TLS, or make this listener local_tls: auto (or starttls)"
+                );
+                let mut tcp = tcp;
+                let reply = crate::protocol::reply::for_protocol(ctx.config.protocol, Failure::TlsExpected, None);
+                let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&reply)).await;
+                return None;
+            }
+        }
+    }
+    let timeout = ctx.config.limits.preauth_timeout.min(deadline.saturating_duration_since(Instant::now()));
+    match tls.accept(ClientStream::Plain(tcp), timeout).await {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            debug!(error = %e, "TLS handshake with the client failed");
+            None
+        }
+    }
 }
 
 struct Session<'a, P: Spec> {
@@ -147,10 +206,11 @@ impl<P: Spec> Session<'_, P> {
             max_line: c.limits.max_line_length,
             max_auth_failures: c.limits.max_auth_failures,
             max_bad_commands: c.limits.max_bad_commands,
-            starttls: self.ctx.local_tls.as_ref().is_some_and(|t| !t.implicit),
+            starttls: self.ctx.local_tls.as_ref().is_some_and(|t| t.mode != LocalTlsMode::Implicit),
             tls_active: self.stream.is_tls(),
             require_tls: c.require_tls,
             plaintext_allowed: c.plaintext_allowed,
+            auth_equals_line: c.broken_sasl_auth_clients,
         }
     }
 
@@ -202,6 +262,22 @@ impl<P: Spec> Session<'_, P> {
         }
     }
 
+    /// A TLS ClientHello as the first bytes of a plain-text connection: the
+    /// client is set to implicit TLS on a plain-text port. It cannot read a
+    /// plain-text answer, so the log says what to change and the connection
+    /// is closed at once rather than at the timeout.
+    fn client_hello_in_the_clear(&self) -> bool {
+        if self.stream.is_tls() || self.inbuf.first() != Some(&TLS_HANDSHAKE) {
+            return false;
+        }
+        let fix = match self.ctx.local_tls.as_ref().map(|t| t.mode) {
+            Some(LocalTlsMode::Starttls) => "set it to STARTTLS, or make this listener local_tls: auto",
+            _ => "set it to STARTTLS or None, or make this listener local_tls: implicit (or auto)",
+        };
+        info!("the client started TLS on a plain-text port: {fix}; closing");
+        true
+    }
+
     /// The upstream's capabilities (probed once per listener and cached),
     /// unless the proxy is past its shutdown deadline.
     async fn capabilities(&self) -> Option<Result<Arc<[String]>, crate::upstream::UpstreamError>> {
@@ -226,6 +302,7 @@ impl<P: Spec> Session<'_, P> {
         };
         let mut machine = PreAuth::<P::Dialect>::new(caps.clone(), self.options());
         machine.greeting(&mut self.out);
+        let mut first_read = true;
         loop {
             match machine.handle(&mut self.inbuf, &mut self.out) {
                 Next::Read => {
@@ -233,7 +310,11 @@ impl<P: Spec> Session<'_, P> {
                         return;
                     }
                     match self.read().await {
-                        ReadOutcome::Data => {}
+                        ReadOutcome::Data => {
+                            if std::mem::take(&mut first_read) && self.client_hello_in_the_clear() {
+                                return;
+                            }
+                        }
                         ReadOutcome::Closed => {
                             debug!("client closed the connection before logging in");
                             return;
@@ -423,7 +504,7 @@ impl<P: Spec> Login<'_, P> {
                 return Err(Failure::Temporary);
             }
             Err(e) => {
-                let delay = attempt.failed();
+                let delay = attempt.failed().await;
                 // One line per failure, with the address and username, for fail2ban.
                 warn!(
                     client.ip = %self.peer.ip(),
@@ -443,10 +524,31 @@ impl<P: Spec> Login<'_, P> {
         if !self.named.mailbox.swap(true, Ordering::Relaxed) {
             span.record("mailbox", account.mailbox.as_str());
         }
-        let Some(slot) = shared.mailboxes.try_acquire(&account.mailbox) else {
-            warn!("refused: the mailbox already has max_sessions_per_mailbox upstream sessions");
-            self.ctx.metrics.login(Counted::Limit);
-            return Err(Failure::MailboxBusy);
+        let limits = &self.ctx.config;
+        let cap = limits.max_sessions_per_mailbox;
+        let slot = match shared.mailboxes.acquire(P::PROTOCOL, &account.mailbox, cap, limits.session_wait).await {
+            Ok((slot, waited)) => {
+                if !waited.is_zero() {
+                    self.ctx.metrics.mailbox_slot_waited(waited);
+                }
+                if waited >= Duration::from_secs(1) {
+                    info!(
+                        waited_ms = waited.as_millis() as u64,
+                        cap, "waited for a place among the mailbox's upstream sessions"
+                    );
+                }
+                slot
+            }
+            Err(MailboxBusy) => {
+                warn!(
+                    cap,
+                    waited_ms = limits.session_wait.as_millis() as u64,
+                    "refused: the mailbox kept max_sessions_per_mailbox upstream sessions for the whole session_wait"
+                );
+                self.ctx.metrics.mailbox_slot_waited(limits.session_wait);
+                self.ctx.metrics.login(Counted::Limit);
+                return Err(Failure::MailboxBusy);
+            }
         };
         let key = shared.tokens.key_for(&account.identity, &account.username);
         let user = match P::XOAUTH2_USER {
@@ -486,7 +588,12 @@ impl<P: Spec> Login<'_, P> {
                     return Err(Failure::AuthFailed);
                 }
                 Err(LoginError::Temporary(reason)) => {
-                    warn!(%reason, "upstream answered with a temporary failure");
+                    if reason.reply.contains("4.3.2") {
+                        // Other clients of the mailbox, outside this proxy, hold Exchange's places.
+                        warn!(mailbox = %account.mailbox, %reason, "upstream refused: the mailbox is at Exchange's concurrent connection limit");
+                    } else {
+                        warn!(%reason, "upstream answered with a temporary failure");
+                    }
                     self.ctx.metrics.login(Counted::Throttled);
                     return Err(Failure::Temporary);
                 }
@@ -509,5 +616,5 @@ impl<P: Spec> Login<'_, P> {
 /// place it holds until the splice ends.
 struct LoggedIn<P: Spec> {
     upstream: Authenticated<<P::Client as crate::protocol::Dialogue>::Success>,
-    slot: MailboxGuard,
+    slot: SessionSlot,
 }

@@ -1,4 +1,6 @@
-//! The client side of a session: plain TCP, or TLS once negotiated.
+//! The client side of a session: plain TCP, or TLS once negotiated (rustls,
+//! or OpenSSL on a legacy-profile listener). Sessions see one type and never
+//! which library serves the TLS.
 
 use std::io;
 use std::pin::Pin;
@@ -9,6 +11,9 @@ use tokio::net::TcpStream;
 pub enum ClientStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// `local_tls_profile: legacy`.
+    #[cfg(feature = "legacy-tls")]
+    Legacy(Box<tokio_openssl::SslStream<TcpStream>>),
     /// Left behind while the TCP stream is inside a TLS handshake.
     Closed,
 }
@@ -19,7 +24,12 @@ fn closed() -> io::Error {
 
 impl ClientStream {
     pub fn is_tls(&self) -> bool {
-        matches!(self, ClientStream::Tls(_))
+        match self {
+            ClientStream::Tls(_) => true,
+            #[cfg(feature = "legacy-tls")]
+            ClientStream::Legacy(_) => true,
+            ClientStream::Plain(_) | ClientStream::Closed => false,
+        }
     }
 }
 
@@ -28,6 +38,8 @@ impl AsyncRead for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(feature = "legacy-tls")]
+            ClientStream::Legacy(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             ClientStream::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -38,6 +50,8 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(feature = "legacy-tls")]
+            ClientStream::Legacy(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             ClientStream::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -45,6 +59,8 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(feature = "legacy-tls")]
+            ClientStream::Legacy(s) => Pin::new(s.as_mut()).poll_flush(cx),
             ClientStream::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -52,6 +68,8 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(feature = "legacy-tls")]
+            ClientStream::Legacy(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             ClientStream::Closed => Poll::Ready(Ok(())),
         }
     }
@@ -63,6 +81,8 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            #[cfg(feature = "legacy-tls")]
+            ClientStream::Legacy(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             ClientStream::Closed => Poll::Ready(Err(closed())),
         }
     }
@@ -70,6 +90,8 @@ impl AsyncWrite for ClientStream {
         match self {
             ClientStream::Plain(s) => s.is_write_vectored(),
             ClientStream::Tls(s) => s.is_write_vectored(),
+            #[cfg(feature = "legacy-tls")]
+            ClientStream::Legacy(s) => s.is_write_vectored(),
             ClientStream::Closed => false,
         }
     }

@@ -95,14 +95,15 @@ impl Slot {
     }
 
     /// The last error while the endpoint is in its backoff: callers share it
-    /// instead of each asking the failing endpoint again. A refusal that
-    /// needs a human (`login` again) is not waited out: the source answers
-    /// it from the store without a request, and picks up a new sign-in at
-    /// once.
-    fn backing_off(&self) -> Option<TokenError> {
+    /// instead of each asking the failing endpoint again. For a delegated
+    /// account, a refusal that needs a human (`login` again) is not waited
+    /// out: its source answers that from the store without a request, and
+    /// picks up a new sign-in at once.
+    fn backing_off(&self, entry: &IdentityEntry) -> Option<TokenError> {
         let state = self.state();
         match (state.retry_at, &state.last_error) {
-            (Some(at), Some(error)) if Instant::now() < at && !error.requires_reauthorization() => Some(error.clone()),
+            (Some(_), Some(error)) if entry.delegated && error.requires_reauthorization() => None,
+            (Some(at), Some(error)) if Instant::now() < at => Some(error.clone()),
             _ => None,
         }
     }
@@ -374,7 +375,7 @@ impl TokenManager {
             return Ok(token);
         }
         let seen = slot.state().attempts;
-        let result = match slot.backing_off() {
+        let result = match slot.backing_off(&entry) {
             // At most one request per backoff step, whoever asks.
             Some(error) => Err(error),
             None => {
@@ -382,7 +383,7 @@ impl TokenManager {
                 if let Some(token) = slot.usable(&entry) {
                     return Ok(token);
                 }
-                match slot.failed_since(seen).or_else(|| slot.backing_off()) {
+                match slot.failed_since(seen).or_else(|| slot.backing_off(&entry)) {
                     Some(error) => Err(error),
                     None => fetch_into(key, &slot, &entry).await,
                 }
@@ -466,6 +467,10 @@ impl TokenManager {
             if state.current.as_ref().is_some_and(|c| c.same_as(token)) {
                 state.current = None;
                 state.retry_at = None;
+            }
+            drop(state);
+            if let Some(entry) = self.entry(&key.identity) {
+                entry.source().refused(key.account.as_deref(), token.expose());
             }
         }
     }

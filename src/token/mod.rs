@@ -9,6 +9,7 @@ pub mod assertion;
 mod cache;
 pub mod entra;
 pub mod provider;
+pub mod shared;
 pub mod store;
 
 pub use cache::{Applied, IdentityPlan, TokenManager};
@@ -60,6 +61,10 @@ pub struct FreshToken {
 pub trait TokenSource: Send + Sync {
     /// `account` names the account for delegated flows; app-only sources ignore it.
     fn fetch<'a>(&'a self, account: Option<&'a str>) -> BoxFuture<'a, Result<FreshToken, TokenError>>;
+
+    /// The upstream refused `token`: a source that shares tokens must not
+    /// hand it out again.
+    fn refused(&self, _account: Option<&str>, _token: &str) {}
 }
 
 /// A cached access token. Cloning shares it.
@@ -179,14 +184,39 @@ pub fn context_for(
         tls,
         store,
         notifier: Arc::new(provider::ReauthNotifier::new(config.on_reauth_required.clone(), &config.source)),
+        shared: None,
     })
 }
 
-/// The token manager for a config: one source per identity, token requests
-/// counted in `metrics` if given.
-pub fn manager_for(
+/// [`context_for`], with the replicas' shared state when `state:` is set
+/// (it seals with the token store's key, which `state:` requires).
+pub fn shared_context_for(
     config: &crate::config::Config,
     tls: Arc<rustls::ClientConfig>,
+    state: Option<Arc<crate::state::SharedState>>,
+) -> Result<provider::SourceContext, TokenError> {
+    let mut ctx = context_for(config, tls)?;
+    if let (Some(state), Some(store)) = (state, &ctx.store) {
+        ctx.shared = Some(shared::SharedTokens::new(state, store.clone()));
+    }
+    Ok(ctx)
+}
+
+/// The token manager for a config: one source per identity.
+pub fn manager_for(config: &crate::config::Config, tls: Arc<rustls::ClientConfig>) -> Result<TokenManager, TokenError> {
+    manager_with(config, context_for(config, tls)?)
+}
+
+/// The token manager over a prepared context: with shared state, every
+/// source is wrapped so that the replicas make one request between them.
+pub fn manager_with(config: &crate::config::Config, ctx: provider::SourceContext) -> Result<TokenManager, TokenError> {
+    manager_counted(config, ctx, None)
+}
+
+/// [`manager_with`], its token requests counted in `metrics` if given.
+pub fn manager_counted(
+    config: &crate::config::Config,
+    ctx: provider::SourceContext,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 ) -> Result<TokenManager, TokenError> {
     let mut builder = TokenManager::builder();
@@ -194,37 +224,66 @@ pub fn manager_for(
         builder.metrics(metrics);
     }
     let manager = builder.build();
-    manager.apply(plan_for(config, tls, &manager)?);
+    manager.apply(plans(config, Some(&ctx), ctx.shared.is_some(), &manager)?);
     Ok(manager)
+}
+
+/// One identity's source over `ctx`: with shared state, wrapped so that the
+/// replicas make one request between them (as at start, so on a reload too).
+fn source_with(
+    identity: &crate::config::IdentityConfig,
+    ctx: &provider::SourceContext,
+) -> Result<Arc<dyn TokenSource>, TokenError> {
+    let source = provider::source_for(identity, ctx)?;
+    let delegated = matches!(source, provider::Source::Delegated(_));
+    Ok(match &ctx.shared {
+        Some(shared) => Arc::new(shared::SharedSource::new(
+            source.as_dyn(),
+            &identity.name,
+            delegated,
+            identity.min_token_lifetime,
+            shared.clone(),
+        )) as Arc<dyn TokenSource>,
+        None => source.as_dyn(),
+    })
 }
 
 /// What `config` wants of each identity, compared with what `running` has:
 /// a source is built only where the identity's settings or what surrounds
-/// it (CA roots, token store, re-authorisation hook) changed. Fails, before
-/// anything is replaced, if a source cannot be built.
+/// it (CA roots, token store, re-authorisation hook) changed, through the
+/// shared context (`state`, the connection the process started with) like
+/// the first ones. Fails, before anything is replaced, if a source cannot
+/// be built.
 pub fn plan_for(
     config: &crate::config::Config,
     tls: Arc<rustls::ClientConfig>,
+    state: Option<Arc<crate::state::SharedState>>,
     running: &TokenManager,
 ) -> Result<Vec<cache::IdentityPlan>, TokenError> {
-    let wanted: Vec<_> = config
-        .identities
-        .values()
-        .map(|identity| {
-            let (settings, environment) = (settings_digest(identity), environment_digest(config, identity));
-            let unchanged = running.digests(&identity.name) == Some((settings.clone(), environment.clone()));
-            (identity, settings, environment, unchanged)
-        })
-        .collect();
+    let unchanged = config.identities.values().all(|identity| {
+        running.digests(&identity.name)
+            == Some((settings_digest(identity), environment_digest(config, identity, state.is_some())))
+    });
     // Opening the token store reads its key: only when a source is built.
-    let ctx = match wanted.iter().all(|w| w.3) {
+    let ctx = match unchanged {
         true => None,
-        false => Some(context_for(config, tls)?),
+        false => Some(shared_context_for(config, tls, state.clone())?),
     };
+    plans(config, ctx.as_ref(), state.is_some(), running)
+}
+
+fn plans(
+    config: &crate::config::Config,
+    ctx: Option<&provider::SourceContext>,
+    shared: bool,
+    running: &TokenManager,
+) -> Result<Vec<cache::IdentityPlan>, TokenError> {
     let mut plans = Vec::new();
-    for (identity, settings, environment, unchanged) in wanted {
-        let source = match (&ctx, unchanged) {
-            (Some(ctx), false) => Some(provider::source_for(identity, ctx)?.as_dyn()),
+    for identity in config.identities.values() {
+        let (settings, environment) = (settings_digest(identity), environment_digest(config, identity, shared));
+        let unchanged = running.digests(&identity.name) == Some((settings.clone(), environment.clone()));
+        let source = match (ctx, unchanged) {
+            (Some(ctx), false) => Some(source_with(identity, ctx)?),
             _ => None,
         };
         plans.push(cache::IdentityPlan {
@@ -268,13 +327,19 @@ fn settings_digest(identity: &crate::config::IdentityConfig) -> Vec<u8> {
 /// settings: the trust roots for the token endpoint, the token store and
 /// the re-authorisation hook (for delegated identities), the config's path
 /// (it is in the `login` command the hook is given).
-fn environment_digest(config: &crate::config::Config, identity: &crate::config::IdentityConfig) -> Vec<u8> {
+fn environment_digest(
+    config: &crate::config::Config,
+    identity: &crate::config::IdentityConfig,
+    shared: bool,
+) -> Vec<u8> {
     let mut d = Digest::new();
     match &config.upstream_ca_file {
         Some(path) => d.file(path),
         None => d.field(b"public roots"),
     };
-    if identity.flow == crate::config::Flow::RefreshToken {
+    // With shared state every source seals its tokens with the store's key.
+    d.field(if shared { b"shared" } else { b"local" });
+    if identity.flow == crate::config::Flow::RefreshToken || shared {
         match &config.token_store {
             Some(store) => {
                 d.field(store.path.as_os_str().as_encoded_bytes());
@@ -339,7 +404,7 @@ mod tests {
     fn digest(extra: &str) -> (Vec<u8>, Vec<u8>) {
         let config = identity(extra);
         let id = &config.identities["contoso"];
-        (settings_digest(id), environment_digest(&config, id))
+        (settings_digest(id), environment_digest(&config, id, false))
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use super::assertion::{Signer, ASSERTION_TYPE};
 use super::entra::EntraClient;
-use super::store::{unix_now, StoredTokens, TokenStore};
+use super::shared::SharedTokens;
+use super::store::{unix_millis, unix_now, StoredTokens, TokenStore};
 use super::{BoxFuture, FreshToken, TokenError, TokenSource};
 use crate::config::{ClientCredential, Flow, IdentityConfig};
 use crate::secret::Secret;
@@ -253,6 +254,11 @@ pub struct RefreshTokens {
     /// Per account, the refresh token the endpoint last refused: not tried
     /// again until `login` stores a new one.
     refused: Mutex<HashMap<String, Vec<u8>>>,
+    /// With `state:`, the fleet's copy of each record (newest wins).
+    shared: Option<Arc<SharedTokens>>,
+    /// Per account, the access token the upstream last refused: the stored
+    /// copy of it is not handed out again, a refresh is made instead.
+    refused_access: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 fn fingerprint(token: &str) -> Vec<u8> {
@@ -266,7 +272,41 @@ impl RefreshTokens {
         notifier: Arc<ReauthNotifier>,
         min_lifetime: Duration,
     ) -> Self {
-        RefreshTokens { endpoint, store, notifier, min_lifetime, refused: Mutex::new(HashMap::new()) }
+        RefreshTokens {
+            endpoint,
+            store,
+            notifier,
+            min_lifetime,
+            refused: Mutex::new(HashMap::new()),
+            shared: None,
+            refused_access: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Shares the records with the other replicas.
+    pub fn with_shared(mut self, shared: Option<Arc<SharedTokens>>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// The account's newest record: the file's, or the fleet's if newer.
+    async fn load(&self, identity: &str, account: &str) -> Result<Option<StoredTokens>, TokenError> {
+        match &self.shared {
+            Some(shared) => shared.newest(identity, account).await,
+            None => Ok(self.store.load(identity, account)?),
+        }
+    }
+
+    /// Writes the record to the file, then offers it to the fleet.
+    async fn save(&self, record: &StoredTokens) -> Result<(), TokenError> {
+        self.store.save(record)?;
+        if let Some(shared) = &self.shared {
+            if let Err(e) = shared.save_refresh(record).await {
+                // Written back when the shared state returns (newest wins).
+                tracing::warn!(identity = %record.identity, account = %record.account, error = %e, "rotated refresh token kept locally; it goes to the shared state when that returns");
+            }
+        }
+        Ok(())
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -281,11 +321,15 @@ impl RefreshTokens {
         let identity = self.endpoint.identity.as_str();
         let _lock = self.store.lock(identity, account, STORE_LOCK_TIMEOUT).await?;
         let stored = self
-            .store
-            .load(identity, account)?
+            .load(identity, account)
+            .await?
             .ok_or_else(|| TokenError::NotLoggedIn { identity: identity.to_string(), account: account.to_string() })?;
         if let Some((access_token, left)) = stored.access_token_with(min_left) {
-            return Ok(FreshToken { access_token, expires_in: left, refresh_token: None });
+            let refused = self.refused_access.lock().unwrap_or_else(|e| e.into_inner()).get(account)
+                == Some(&fingerprint(access_token.expose()));
+            if !refused {
+                return Ok(FreshToken { access_token, expires_in: left, refresh_token: None });
+            }
         }
         let print = fingerprint(&stored.refresh_token);
         if self.refused.lock().unwrap_or_else(|e| e.into_inner()).get(account) == Some(&print) {
@@ -307,8 +351,9 @@ impl RefreshTokens {
                     access_token: Some(fresh.access_token.expose().clone()),
                     access_expires_at: Some(unix_now() + fresh.expires_in.as_secs()),
                     updated_at: unix_now(),
+                    version: unix_millis(),
                 };
-                if let Err(e) = self.store.save(&record) {
+                if let Err(e) = self.save(&record).await {
                     // The access token is good; the next refresh may still work
                     // with the old refresh token, but say it loudly.
                     tracing::error!(identity, account, error = %e, "cannot save the rotated refresh token");
@@ -338,8 +383,9 @@ impl RefreshTokens {
             access_token: Some(fresh.access_token.expose().clone()),
             access_expires_at: Some(unix_now() + fresh.expires_in.as_secs()),
             updated_at: unix_now(),
+            version: unix_millis(),
         };
-        self.store.save(&record)?;
+        self.save(&record).await?;
         self.refused.lock().unwrap_or_else(|e| e.into_inner()).remove(account);
         Ok(self.store.path_for(identity, account))
     }
@@ -352,6 +398,15 @@ impl TokenSource for RefreshTokens {
             self.fetch_with(account, self.min_lifetime).await
         })
     }
+
+    fn refused(&self, account: Option<&str>, token: &str) {
+        if let Some(account) = account {
+            self.refused_access
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(account.to_string(), fingerprint(token));
+        }
+    }
 }
 
 /// What the rest of the proxy needs to build token sources.
@@ -359,6 +414,8 @@ pub struct SourceContext {
     pub tls: Arc<rustls::ClientConfig>,
     pub store: Option<Arc<TokenStore>>,
     pub notifier: Arc<ReauthNotifier>,
+    /// With `state:`: tokens shared by the replicas.
+    pub shared: Option<Arc<SharedTokens>>,
 }
 
 /// A source for an identity, with the delegated variant exposed for the CLI.
@@ -383,12 +440,10 @@ pub fn source_for(identity: &IdentityConfig, ctx: &SourceContext) -> Result<Sour
         Flow::ClientCredentials => Source::App(Arc::new(ClientCredentials { endpoint })),
         Flow::RefreshToken => {
             let store = ctx.store.clone().ok_or_else(|| TokenError::NoTokenStore(identity.name.clone()))?;
-            Source::Delegated(Arc::new(RefreshTokens::new(
-                endpoint,
-                store,
-                ctx.notifier.clone(),
-                identity.min_token_lifetime,
-            )))
+            Source::Delegated(Arc::new(
+                RefreshTokens::new(endpoint, store, ctx.notifier.clone(), identity.min_token_lifetime)
+                    .with_shared(ctx.shared.clone()),
+            ))
         }
     })
 }

@@ -58,6 +58,10 @@ pub struct StoredTokens {
     pub access_expires_at: Option<u64>,
     /// Unix seconds of the last write.
     pub updated_at: u64,
+    /// Unix milliseconds of the last write: which of two copies (the file,
+    /// the shared state) is newer. Files written before it existed have 0.
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl std::fmt::Debug for StoredTokens {
@@ -85,7 +89,21 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Unix milliseconds: record versions.
+pub fn unix_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl StoredTokens {
+    /// Orders copies of one account's record: newest write wins.
+    pub fn order(&self) -> u64 {
+        if self.version == 0 {
+            self.updated_at.saturating_mul(1000)
+        } else {
+            self.version
+        }
+    }
+
     /// The stored access token if it has more than `min_left` to live.
     pub fn access_token_with(&self, min_left: Duration) -> Option<(Secret<String>, Duration)> {
         let token = self.access_token.as_ref()?;
@@ -132,49 +150,83 @@ impl TokenStore {
     /// The stored tokens, or `None` if the account has never logged in.
     pub fn load(&self, identity: &str, account: &str) -> Result<Option<StoredTokens>, StoreError> {
         let path = self.path_for(identity, account);
-        let mut data = match std::fs::read(&path) {
+        let data = match std::fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(&path)(e)),
         };
-        let corrupt = |reason: &str| StoreError::Corrupt { path: path.clone(), reason: reason.into() };
-        if data.len() < MAGIC.len() + NONCE_LEN + AES_256_GCM.tag_len() || &data[..MAGIC.len()] != MAGIC {
-            return Err(corrupt("unknown format"));
-        }
-        let nonce = Nonce::try_assume_unique_for_key(&data[MAGIC.len()..MAGIC.len() + NONCE_LEN])
-            .map_err(|_| corrupt("bad nonce"))?;
-        let sealed = &mut data[MAGIC.len() + NONCE_LEN..];
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(Self::aad(identity, account)), sealed)
-            .map_err(|_| StoreError::Undecryptable { path: path.clone() })?;
+        self.unseal(identity, account, data, &path).map(Some)
+    }
+
+    /// Opens a sealed record (a file's content, or the same bytes kept in
+    /// the shared state); `origin` names where it came from in errors.
+    pub fn unseal(
+        &self,
+        identity: &str,
+        account: &str,
+        mut data: Vec<u8>,
+        origin: &Path,
+    ) -> Result<StoredTokens, StoreError> {
+        let path = origin;
+        let corrupt = |reason: &str| StoreError::Corrupt { path: path.to_path_buf(), reason: reason.into() };
+        let plain = self.open_sealed(&Self::aad(identity, account), &mut data).map_err(|e| match e {
+            Unsealed::Format(reason) => corrupt(reason),
+            Unsealed::Key => StoreError::Undecryptable { path: path.to_path_buf() },
+        })?;
         let tokens: StoredTokens =
             serde_json::from_slice(plain).map_err(|_| corrupt("decrypted content is not a token record"))?;
         use zeroize::Zeroize;
         data.zeroize();
-        Ok(Some(tokens))
+        Ok(tokens)
+    }
+
+    /// `MAGIC | nonce | AES-256-GCM(plain, aad)`: what a token file holds.
+    pub fn seal_bytes(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut sealed = Secret::new(plain.to_vec());
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).map_err(|_| StoreError::Crypto("no randomness available"))?;
+        self.key
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), sealed.expose_mut())
+            .map_err(|_| StoreError::Crypto("encryption failed"))?;
+        let mut data = Vec::with_capacity(MAGIC.len() + NONCE_LEN + sealed.expose().len());
+        data.extend_from_slice(MAGIC);
+        data.extend_from_slice(&nonce);
+        data.extend_from_slice(sealed.expose());
+        Ok(data)
+    }
+
+    /// The plain text of [`seal_bytes`](Self::seal_bytes)' output, decrypted in place.
+    fn open_sealed<'d>(&self, aad: &[u8], data: &'d mut [u8]) -> Result<&'d mut [u8], Unsealed> {
+        if data.len() < MAGIC.len() + NONCE_LEN + AES_256_GCM.tag_len() || &data[..MAGIC.len()] != MAGIC {
+            return Err(Unsealed::Format("unknown format"));
+        }
+        let nonce = Nonce::try_assume_unique_for_key(&data[MAGIC.len()..MAGIC.len() + NONCE_LEN])
+            .map_err(|_| Unsealed::Format("bad nonce"))?;
+        let sealed = &mut data[MAGIC.len() + NONCE_LEN..];
+        self.key.open_in_place(nonce, Aad::from(aad), sealed).map_err(|_| Unsealed::Key)
+    }
+
+    /// Decrypts bytes sealed with [`seal_bytes`](Self::seal_bytes) under the same `aad`.
+    pub fn open_bytes(&self, aad: &[u8], mut data: Vec<u8>) -> Option<Secret<Vec<u8>>> {
+        let plain = self.open_sealed(aad, &mut data).ok()?.to_vec();
+        use zeroize::Zeroize;
+        data.zeroize();
+        Some(Secret::new(plain))
+    }
+
+    /// The sealed bytes of `tokens`, as [`save`](Self::save) writes them.
+    pub fn seal(&self, tokens: &StoredTokens) -> Result<Vec<u8>, StoreError> {
+        let plain = Secret::new(serde_json::to_vec(tokens).map_err(|e| StoreError::Corrupt {
+            path: self.path_for(&tokens.identity, &tokens.account),
+            reason: e.to_string(),
+        })?);
+        self.seal_bytes(&Self::aad(&tokens.identity, &tokens.account), plain.expose())
     }
 
     /// Replaces the account's file atomically: temp file (0600), fsync, rename, fsync dir.
     pub fn save(&self, tokens: &StoredTokens) -> Result<(), StoreError> {
         let path = self.path_for(&tokens.identity, &tokens.account);
-        let mut plain = Secret::new(
-            serde_json::to_vec(tokens)
-                .map_err(|e| StoreError::Corrupt { path: path.clone(), reason: e.to_string() })?,
-        );
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).map_err(|_| StoreError::Crypto("no randomness available"))?;
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(Self::aad(&tokens.identity, &tokens.account)),
-                plain.expose_mut(),
-            )
-            .map_err(|_| StoreError::Crypto("encryption failed"))?;
-        let mut data = Vec::with_capacity(MAGIC.len() + NONCE_LEN + plain.expose().len());
-        data.extend_from_slice(MAGIC);
-        data.extend_from_slice(&nonce);
-        data.extend_from_slice(plain.expose());
+        let data = self.seal(tokens)?;
         Ok(crate::fsutil::write_atomically(&path, &data)?)
     }
 
@@ -200,6 +252,11 @@ impl TokenStore {
             }
         }
     }
+}
+
+enum Unsealed {
+    Format(&'static str),
+    Key,
 }
 
 /// Held while refreshing; the lock is released when the file is closed.
@@ -265,6 +322,7 @@ mod tests {
             access_token: Some("at".into()),
             access_expires_at: Some(unix_now() + 3600),
             updated_at: unix_now(),
+            version: unix_millis(),
         }
     }
 

@@ -35,6 +35,11 @@ pub enum AfterAuth {
     Echo,
     /// Speak enough of the protocol to deliver and read messages.
     Mailbox(Arc<Mailbox>),
+    /// IMAP only, for throughput benchmarks: a fast in-memory mailbox whose
+    /// message 1 is this buffer (`FETCH 1 BODY[]` sends it as one literal, no
+    /// copy), while `APPEND` reads its literal and discards it, counting the
+    /// bytes. `SELECT`, `NOOP`, `IDLE` and `LOGOUT` are answered too.
+    ImapBulk(Arc<Vec<u8>>),
 }
 
 /// What Exchange Online answers to a valid token when something on its side
@@ -72,6 +77,11 @@ pub enum ExchangeFault {
     /// answer to too many concurrent connections for one mailbox
     /// (timeoff-management/timeoff-management-application#308).
     ThreadLimit,
+    /// SMTP: the mailbox already has the 3 concurrent SMTP AUTH connections
+    /// Exchange Online allows: `432 4.3.2 Concurrent connections limit
+    /// exceeded` in answer to the XOAUTH2 response (Microsoft, "Exchange
+    /// Online limits", SMTP AUTH client submission).
+    ConcurrentConnections,
     /// The token is refused with this XOAUTH2 error challenge (JSON, sent
     /// base64 in `+ ` / `334 `), then the protocol's failure.
     Challenge(String),
@@ -90,6 +100,10 @@ pub struct UpstreamOptions {
     pub inject_after_starttls: bool,
     /// Stop answering at this point, keeping the connection open.
     pub stall: Option<Stall>,
+    /// Wait this long before answering an XOAUTH2 attempt (a slow server).
+    /// A client that hangs up meanwhile is counted in
+    /// [`FakeUpstream::abandoned_auths`] and gets no answer.
+    pub auth_delay: std::time::Duration,
 }
 
 /// Where a fake upstream goes silent (a hung server, a black-holed network).
@@ -112,6 +126,7 @@ impl UpstreamOptions {
             sasl_ir: true,
             inject_after_starttls: false,
             stall: None,
+            auth_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -127,8 +142,11 @@ struct Shared {
     auth_attempts: AtomicUsize,
     connections: AtomicUsize,
     open: AtomicUsize,
+    max_open: AtomicUsize,
     ehlo_names: Mutex<Vec<String>>,
     echoed: AtomicU64,
+    appended: AtomicU64,
+    abandoned_auths: AtomicUsize,
 }
 
 pub struct FakeUpstream {
@@ -158,8 +176,11 @@ impl FakeUpstream {
             auth_attempts: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
+            max_open: AtomicUsize::new(0),
             ehlo_names: Mutex::new(Vec::new()),
             echoed: AtomicU64::new(0),
+            appended: AtomicU64::new(0),
+            abandoned_auths: AtomicUsize::new(0),
         });
         let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -191,6 +212,11 @@ impl FakeUpstream {
         self.shared.open.load(Ordering::SeqCst)
     }
 
+    /// The most connections that were open at once.
+    pub fn max_open_connections(&self) -> usize {
+        self.shared.max_open.load(Ordering::SeqCst)
+    }
+
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
     }
@@ -203,6 +229,16 @@ impl FakeUpstream {
     /// Echo mode: bytes sent back so far.
     pub fn echoed(&self) -> u64 {
         self.shared.echoed.load(Ordering::SeqCst)
+    }
+
+    /// Bulk mode: literal bytes received by `APPEND` so far.
+    pub fn appended(&self) -> u64 {
+        self.shared.appended.load(Ordering::SeqCst)
+    }
+
+    /// XOAUTH2 attempts whose client hung up during `auth_delay`, before the answer.
+    pub fn abandoned_auths(&self) -> usize {
+        self.shared.abandoned_auths.load(Ordering::SeqCst)
     }
 
     /// Stops listening: new connections are refused (established ones go on).
@@ -270,6 +306,29 @@ impl<S: Io> Wire<S> {
         self.line().await
     }
 
+    /// Waits `delay` while watching the connection: false (and counted as
+    /// abandoned) if the peer hangs up first. Bytes that arrive meanwhile are kept.
+    async fn hold(&mut self, delay: std::time::Duration, abandoned: &AtomicUsize) -> bool {
+        if delay.is_zero() {
+            return true;
+        }
+        let until = tokio::time::sleep(delay);
+        tokio::pin!(until);
+        loop {
+            let mut chunk = [0u8; 1024];
+            tokio::select! {
+                _ = &mut until => return true,
+                read = self.s.read(&mut chunk) => match read {
+                    Ok(0) | Err(_) => {
+                        abandoned.fetch_add(1, Ordering::SeqCst);
+                        return false;
+                    }
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                },
+            }
+        }
+    }
+
     async fn send(&mut self, data: impl AsRef<[u8]>) -> Option<()> {
         self.s.write_all(data.as_ref()).await.ok()?;
         self.s.flush().await.ok()
@@ -316,8 +375,11 @@ impl Shared {
             // These let the login through and refuse what follows it.
             Some(ExchangeFault::NotConnected) if self.opts.proto == Proto::Imap => {}
             Some(ExchangeFault::SendAsDenied | ExchangeFault::ThreadLimit) if self.opts.proto == Proto::Smtp => {}
-            Some(ExchangeFault::SmtpAuthDisabledTenant | ExchangeFault::SmtpAuthDisabledMailbox)
-                if self.opts.proto != Proto::Smtp => {}
+            Some(
+                ExchangeFault::SmtpAuthDisabledTenant
+                | ExchangeFault::SmtpAuthDisabledMailbox
+                | ExchangeFault::ConcurrentConnections,
+            ) if self.opts.proto != Proto::Smtp => {}
             Some(ExchangeFault::SendAsDenied | ExchangeFault::ThreadLimit) => {}
             Some(fault) => return Err(Verdict::Exchange(fault)),
             None => {}
@@ -350,7 +412,8 @@ impl Drop for Open {
 
 async fn connection(shared: Arc<Shared>, tcp: TcpStream) {
     shared.connections.fetch_add(1, Ordering::SeqCst);
-    shared.open.fetch_add(1, Ordering::SeqCst);
+    let open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.max_open.fetch_max(open, Ordering::SeqCst);
     let _open = Open(shared.clone());
     if shared.opts.stall == Some(Stall::Greeting) {
         Wire::new(tcp).stall().await;
@@ -452,6 +515,9 @@ async fn imap_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                 if sh.opts.stall == Some(Stall::Auth) {
                     w.stall().await?;
                 }
+                if !w.hold(sh.opts.auth_delay, &sh.abandoned_auths).await {
+                    return None;
+                }
                 match sh.check(&response) {
                     Ok(_) if sh.fault() == Some(ExchangeFault::NotConnected) => {
                         w.send(format!("{tag} OK AUTHENTICATE completed.\r\n")).await?;
@@ -512,6 +578,9 @@ async fn pop3_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                 let response = w.line().await?;
                 if sh.opts.stall == Some(Stall::Auth) {
                     w.stall().await?;
+                }
+                if !w.hold(sh.opts.auth_delay, &sh.abandoned_auths).await {
+                    return None;
                 }
                 match sh.check(&response) {
                     Ok(_) => {
@@ -583,6 +652,9 @@ async fn smtp_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                 if sh.opts.stall == Some(Stall::Auth) {
                     w.stall().await?;
                 }
+                if !w.hold(sh.opts.auth_delay, &sh.abandoned_auths).await {
+                    return None;
+                }
                 match sh.check(&response) {
                     Ok(_) => {
                         w.send("235 2.7.0 Authentication successful\r\n").await?;
@@ -596,6 +668,9 @@ async fn smtp_phase<S: Io>(sh: &Shared, w: &mut Wire<S>, tls: bool, greet: bool)
                     }
                     Err(Verdict::Exchange(ExchangeFault::SmtpAuthDisabledTenant)) => {
                         w.send("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [MN2PR05CA0004.namprd05.prod.outlook.com 2023-09-12T20:59:57.214Z 08DBB276B7E699C4]\r\n").await?
+                    }
+                    Err(Verdict::Exchange(ExchangeFault::ConcurrentConnections)) => {
+                        w.send("432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information. [SN4PR0201CA0050.namprd02.prod.outlook.com]\r\n").await?
                     }
                     Err(Verdict::Exchange(ExchangeFault::SmtpAuthDisabledMailbox)) => {
                         w.send("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information. [MN2PR05CA0004.namprd05.prod.outlook.com 2023-09-12T20:59:57.214Z 08DBB276B7E699C4]\r\n").await?
@@ -683,6 +758,78 @@ async fn after_auth(shared: &Shared, mut wire: Wire<Box<dyn Io>>) {
                 Proto::Pop3 => pop3_mailbox(&mut wire, mailbox).await,
             };
             let _ = wire.s.shutdown().await;
+        }
+        AfterAuth::ImapBulk(message) => {
+            let _ = imap_bulk(shared, &mut wire, message).await;
+            let _ = wire.s.shutdown().await;
+        }
+    }
+}
+
+/// The literal length `{n}` or `{n+}` at the end of an IMAP command line.
+fn trailing_literal(line: &[u8]) -> Option<(usize, bool)> {
+    let open = line.iter().rposition(|&b| b == b'{')?;
+    let inner = line[open + 1..].strip_suffix(b"}")?;
+    let (digits, non_sync) = match inner.strip_suffix(b"+") {
+        Some(d) => (d, true),
+        None => (inner, false),
+    };
+    Some((std::str::from_utf8(digits).ok()?.parse().ok()?, non_sync))
+}
+
+async fn imap_bulk<S: Io>(sh: &Shared, w: &mut Wire<S>, message: &[u8]) -> Option<()> {
+    loop {
+        let line = w.line().await?;
+        let (tag, rest) = split_tag(&line);
+        let (command, args) = split_word(&rest);
+        match command.as_str() {
+            "SELECT" | "EXAMINE" => {
+                w.send(format!(
+                    "* 1 EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 1] UIDs valid\r\n* OK [UIDNEXT 2] next\r\n{tag} OK [READ-WRITE] {command} completed.\r\n"
+                ))
+                .await?
+            }
+            "FETCH" => {
+                // One response for message 1 whatever was asked: the point is
+                // moving the bytes, from memory, with as little work as possible.
+                w.send(format!("* 1 FETCH (BODY[] {{{}}}\r\n", message.len())).await?;
+                w.send(message).await?;
+                w.send(format!(")\r\n{tag} OK FETCH completed.\r\n")).await?
+            }
+            "APPEND" => {
+                let Some((mut left, non_sync)) = trailing_literal(&args) else {
+                    w.send(format!("{tag} BAD APPEND needs a literal\r\n")).await?;
+                    continue;
+                };
+                if !non_sync {
+                    w.send("+ Ready for literal data\r\n").await?;
+                }
+                let buffered = left.min(w.buf.len());
+                w.buf.drain(..buffered);
+                left -= buffered;
+                sh.appended.fetch_add(buffered as u64, Ordering::SeqCst);
+                let mut chunk = vec![0u8; 256 * 1024];
+                while left > 0 {
+                    let want = left.min(chunk.len());
+                    let n = w.s.read(&mut chunk[..want]).await.ok().filter(|n| *n > 0)?;
+                    left -= n;
+                    sh.appended.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                // The rest of the command line after the literal (normally empty).
+                w.line().await?;
+                w.send(format!("{tag} OK APPEND completed.\r\n")).await?
+            }
+            "IDLE" => {
+                w.send("+ idling\r\n").await?;
+                while !w.line().await?.eq_ignore_ascii_case(b"DONE") {}
+                w.send(format!("{tag} OK IDLE terminated.\r\n")).await?
+            }
+            "NOOP" | "CHECK" | "CLOSE" => w.send(format!("{tag} OK {command} completed.\r\n")).await?,
+            "LOGOUT" => {
+                w.send(format!("* BYE Logging out\r\n{tag} OK LOGOUT completed.\r\n")).await?;
+                return Some(());
+            }
+            _ => w.send(format!("{tag} BAD Command Error. 12\r\n")).await?,
         }
     }
 }
@@ -905,7 +1052,15 @@ async fn pop3_mailbox<S: Io>(w: &mut Wire<S>, mailbox: &Mailbox) -> Option<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::sequence_set;
+    use super::{sequence_set, trailing_literal};
+
+    #[test]
+    fn literals() {
+        assert_eq!(trailing_literal(b"INBOX {5}"), Some((5, false)));
+        assert_eq!(trailing_literal(b"INBOX (\\Seen) {104857600+}"), Some((104857600, true)));
+        assert_eq!(trailing_literal(b"INBOX"), None);
+        assert_eq!(trailing_literal(b"INBOX {x}"), None);
+    }
 
     #[test]
     fn sequence_sets() {

@@ -2,6 +2,8 @@
 //! fake token endpoint and fake upstreams, and a line-oriented test client.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use argon2::password_hash::PasswordHasher;
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -13,6 +13,7 @@ pub fn options(max_line: usize) -> SessionOptions {
         tls_active: false,
         require_tls: false,
         plaintext_allowed: true,
+        auth_equals_line: false,
     }
 }
 

@@ -5,11 +5,12 @@
 mod accounts;
 mod identities;
 mod listeners;
+mod state;
 
 use super::raw::{self, RawConfig};
 use super::{
-    AdminConfig, Config, LogConfig, LoginThrottle, PasswordVerification, Problem, TlsFiles, TokenStoreConfig,
-    TokenStoreKey, UpstreamAddr, DEFAULT_MAX_SESSIONS_PER_MAILBOX, DEFAULT_SHUTDOWN_TIMEOUT,
+    AdminConfig, Config, LogConfig, LoginThrottle, PasswordVerification, Problem, SessionCaps, TlsFiles,
+    TokenStoreConfig, TokenStoreKey, UpstreamAddr, DEFAULT_SESSION_WAIT, DEFAULT_SHUTDOWN_TIMEOUT,
 };
 use crate::secret::Secret;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,9 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
     let mut cx = Ctx { problems: Vec::new(), warnings: Vec::new(), base };
     let tls = raw.tls.map(|t| TlsFiles { cert_file: cx.resolve(&t.cert_file), key_file: cx.resolve(&t.key_file) });
     let upstream_ca_file = raw.upstream_ca_file.as_deref().map(|f| cx.resolve(f));
-    let listeners = listeners::validate(raw.listeners, tls.is_some(), &mut cx);
+    let session_caps = session_caps(raw.max_sessions_per_mailbox, &mut cx);
+    let session_wait = raw.session_wait.map_or(DEFAULT_SESSION_WAIT, |d| d.0);
+    let listeners = listeners::validate(raw.listeners, tls.is_some(), session_caps, session_wait, &mut cx);
     let identities = identities::validate(raw.identities, raw.token_store.is_some(), &mut cx);
     let accounts = accounts::validate(raw.accounts, &identities, &mut cx);
     let token_store = raw.token_store.map(|s| token_store(s, &mut cx));
@@ -50,13 +53,24 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
             cx.add("on_reauth_required", "must not be empty (remove the key to run nothing)");
         }
     }
-    let max_sessions_per_mailbox = raw.max_sessions_per_mailbox.unwrap_or(DEFAULT_MAX_SESSIONS_PER_MAILBOX);
-    if max_sessions_per_mailbox == 0 {
-        cx.add("max_sessions_per_mailbox", "must be at least 1");
-    }
     let login_throttle = login_throttle(raw.login_throttle, &mut cx);
     let password_verification = password_verification(raw.password_verification, &mut cx);
     let admin = raw.admin.and_then(|a| admin(a, &listeners, &mut cx));
+    let state = raw.state.map(|s| state::validate(s, &identities, &mut cx));
+    if state.is_some() {
+        match &token_store {
+            None => cx.add(
+                "state",
+                "needs token_store: its key seals the tokens Redis holds (set token_store with the same key on every replica)",
+            ),
+            Some(store) if matches!(store.key, TokenStoreKey::File(_)) => cx.warnings.push(
+                "state: every replica must use the same token_store key; with a key_file, copy the same file to every \
+                 replica (or use token_store.key: ${VAR}), or they cannot read each other's tokens"
+                    .to_string(),
+            ),
+            Some(_) => {}
+        }
+    }
     let log = LogConfig {
         level: raw.log.level.unwrap_or(raw::LogLevel::Info),
         format: raw.log.format.unwrap_or(raw::LogFormat::Text),
@@ -75,12 +89,31 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
         log,
         shutdown_timeout: raw.shutdown_timeout.map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
         on_reauth_required: raw.on_reauth_required,
-        max_sessions_per_mailbox,
+        session_caps,
+        session_wait,
         login_throttle,
         password_verification,
         admin,
+        state,
         warnings: cx.warnings,
     })
+}
+
+fn session_caps(raw: Option<raw::RawSessionCaps>, cx: &mut Ctx) -> SessionCaps {
+    let defaults = SessionCaps::EXCHANGE;
+    let caps = match raw {
+        None => defaults,
+        Some(raw::RawSessionCaps::All(n)) => SessionCaps { smtp: n, imap: n, pop3: n },
+        Some(raw::RawSessionCaps::PerProtocol(p)) => SessionCaps {
+            smtp: p.smtp.unwrap_or(defaults.smtp),
+            imap: p.imap.unwrap_or(defaults.imap),
+            pop3: p.pop3.unwrap_or(defaults.pop3),
+        },
+    };
+    if caps.smtp == 0 || caps.imap == 0 || caps.pop3 == 0 {
+        cx.add("max_sessions_per_mailbox", "must be at least 1");
+    }
+    caps
 }
 
 fn token_store(s: raw::RawTokenStore, cx: &mut Ctx) -> TokenStoreConfig {

@@ -72,7 +72,7 @@ impl ResponseReader {
             let line = match self.framer.next_line(input) {
                 Ok(Some(line)) => line,
                 Ok(None) => return Ok(None),
-                Err(LineError::TooLong) => return Err(ResponseError::TooLong),
+                Err(LineError::TooLong | LineError::Endless) => return Err(ResponseError::TooLong),
             };
             self.pending.extend_from_slice(&line);
             if let Some(size) = trailing_literal(&line) {
@@ -175,6 +175,10 @@ impl fmt::Display for Response {
 /// Longest upstream line accepted before authentication (capability lists
 /// and SASL challenges are far shorter).
 pub const MAX_LINE: usize = 64 * 1024;
+
+/// More untagged responses before a tagged one than any server sends while
+/// logging in: the upstream is not going to finish.
+const MAX_UNTAGGED: usize = 256;
 
 const PROBE_TAG: &[u8] = b"P1";
 const STARTTLS_TAG: &[u8] = b"S1";
@@ -283,6 +287,12 @@ impl Dialogue for ImapClient {
                         }
                     }
                     self.untagged.push(line);
+                    if self.untagged.len() > MAX_UNTAGGED {
+                        return Err(ClientError::Protocol {
+                            phase: self.phase(),
+                            detail: "endless untagged responses".into(),
+                        });
+                    }
                 }
                 (State::StartTls, Response::Tagged { tag, status, .. }) if tag == STARTTLS_TAG => {
                     if status != Status::Ok {
@@ -300,7 +310,11 @@ impl Dialogue for ImapClient {
                     self.state = State::Finished;
                     return Ok(Action::Done(Outcome::Capabilities(caps)));
                 }
-                (State::Authenticating { response_sent, challenge }, Response::Continuation(text)) => {
+                // One error challenge gets one empty answer; a server that
+                // kept challenging would keep the login going for ever.
+                (State::Authenticating { response_sent, challenge }, Response::Continuation(text))
+                    if challenge.is_none() =>
+                {
                     let Goal::Login(login) = &self.goal else {
                         return Err(ClientError::Protocol { phase: "authenticating", detail: "no login".into() });
                     };
@@ -495,6 +509,32 @@ mod tests {
                     challenge: Some(r#"{"status":"401","schemes":"bearer"}"#.into())
                 })
             );
+        }
+
+        #[test]
+        fn a_second_error_challenge_is_an_error() {
+            let (sent, result, _) = run(
+                false,
+                || login(&["SASL-IR"], None),
+                &[EXCHANGE_GREETING, b"+ e30=\r\n", b"+ e30=\r\n", b"A1 NO AUTHENTICATE failed.\r\n"],
+            );
+            assert_eq!(sent, "A1 AUTHENTICATE XOAUTH2 SVI=\r\n\r\n", "one challenge, one answer");
+            assert_eq!(result.unwrap_err().to_string(), "unexpected answer authenticating: + e30=");
+        }
+
+        #[test]
+        fn endless_untagged_responses_are_an_error() {
+            let endless = b"* OK still here\r\n".repeat(MAX_UNTAGGED + 1);
+            for (starttls, goal) in [(true, Goal::Probe), (false, Goal::Probe), (false, login(&[], None))] {
+                let mut input = BytesMut::new();
+                let (_, result) = crate::protocol::client::testing::play(
+                    ImapClient::new(starttls, goal),
+                    &[EXCHANGE_GREETING, &endless],
+                    4096,
+                    &mut input,
+                );
+                assert!(result.unwrap_err().to_string().ends_with("endless untagged responses"));
+            }
         }
 
         #[test]

@@ -132,10 +132,11 @@ impl Receiver {
             let line = match self.framer.next_line(input) {
                 Ok(Some(line)) => line,
                 Ok(None) => return None,
-                Err(LineError::TooLong) => {
+                Err(e) => {
                     let tag = self.first_tag();
                     self.reset();
-                    return Some(Received::Rejected { tag, failure: Failure::LineTooLong, close: false });
+                    let close = e == LineError::Endless;
+                    return Some(Received::Rejected { tag, failure: Failure::LineTooLong, close });
                 }
             };
             self.assembled += line.len();

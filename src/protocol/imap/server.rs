@@ -159,7 +159,15 @@ mod tests {
     /// Each transcript: client bytes, expected output, expected final step.
     #[test]
     fn transcripts_at_every_chunk_size() {
+        // The new Outlook sends both LOGIN arguments as {n+} literals in one
+        // write; any case; a password with quotes, backslashes, spaces and
+        // non-ASCII letters.
+        let quirky = "~t \"q\" b\\s  \u{fc}\u{20ac}";
+        let literals = format!("a LoGiN {{7+}}\r\nprinter {{17+}}\r\n{quirky}\r\n");
         let cases: Vec<(&[u8], &str, Outcome)> = vec![
+            (literals.as_bytes(), "", login("printer", quirky)),
+            ("a login printer \"~t \\\"q\\\" b\\\\s  \u{fc}\u{20ac}\"\r\n".as_bytes(), "", login("printer", quirky)),
+            (b"a aUtHeNtIcAtE pLaIn AHByaW50ZXIAfnQgInEiIGJccyAgw7zigqw=\r\n", "", login("printer", quirky)),
             (b"a LOGIN printer s3cret\r\n", "", login("printer", "s3cret")),
             (
                 b"a LOGIN {7}\r\nprinter {6}\r\ns3cret\r\n",

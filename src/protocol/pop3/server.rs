@@ -133,7 +133,11 @@ mod tests {
 
     #[test]
     fn transcripts_at_every_chunk_size() {
+        let quirky = "~t \"q\" b\\s  \u{fc}\u{20ac}";
+        let user_pass = format!("uSeR printer\r\npAsS {quirky}\r\n");
         let cases: Vec<(&[u8], &str, Outcome)> = vec![
+            (user_pass.as_bytes(), "+OK Send PASS\r\n", login("printer", quirky)),
+            (b"AuTh pLaIn AHByaW50ZXIAfnQgInEiIGJccyAgw7zigqw=\r\n", "", login("printer", quirky)),
             (b"USER printer\r\nPASS s3 cret\r\n", "+OK Send PASS\r\n", login("printer", "s3 cret")),
             (b"user printer\npass pw\n", "+OK Send PASS\r\n", login("printer", "pw")),
             (b"PASS pw\r\n", "-ERR Send USER first, then PASS with a password\r\n", Outcome::Read),

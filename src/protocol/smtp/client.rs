@@ -85,7 +85,7 @@ impl ReplyReader {
             let line = match self.framer.next_line(input) {
                 Ok(Some(line)) => line,
                 Ok(None) => return Ok(None),
-                Err(LineError::TooLong) => return Err(ReplyError::TooLong),
+                Err(LineError::TooLong | LineError::Endless) => return Err(ReplyError::TooLong),
             };
             if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
                 return Err(ReplyError::Malformed);

@@ -24,6 +24,9 @@ pub fn preauth_capabilities(upstream: &[String], opts: &SessionOptions) -> Vec<S
     }
     if opts.auth_refusal().is_none() {
         caps.push("AUTH PLAIN LOGIN".into());
+        if opts.auth_equals_line {
+            caps.push("AUTH=PLAIN LOGIN".into());
+        }
     }
     caps
 }
@@ -68,5 +71,14 @@ mod tests {
         opts.starttls = true;
         opts.require_tls = true;
         assert_eq!(preauth_capabilities(&upstream[..2], &opts), ["SIZE 157286400", "PIPELINING", "STARTTLS"]);
+        // Outlook Express-era clients look for the `AUTH=` form, on request only.
+        let mut opts = plain_options();
+        opts.auth_equals_line = true;
+        assert_eq!(
+            preauth_capabilities(&upstream[..1], &opts),
+            ["SIZE 157286400", "AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"]
+        );
+        opts.plaintext_allowed = false;
+        assert_eq!(preauth_capabilities(&upstream[..1], &opts), ["SIZE 157286400"]);
     }
 }

@@ -136,7 +136,25 @@ mod tests {
 
     #[test]
     fn transcripts_at_every_chunk_size() {
+        // Printers and copiers: HELO, not EHLO; any case; a password with
+        // quotes, backslashes, spaces and non-ASCII letters.
+        let quirky = "~t \"q\" b\\s  \u{fc}\u{20ac}";
         let cases: Vec<(&[u8], String, Outcome)> = vec![
+            (
+                b"HELO printer\r\nAUTH LOGIN\r\ncHJpbnRlcg==\r\nfnQgInEiIGJccyAgw7zigqw=\r\n",
+                "250 xoauth2-proxy\r\n334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n".into(),
+                login("printer", quirky, Some("printer")),
+            ),
+            (
+                b"helo x\r\nAuth Plain AHByaW50ZXIAfnQgInEiIGJccyAgw7zigqw=\r\n",
+                "250 xoauth2-proxy\r\n".into(),
+                login("printer", quirky, Some("x")),
+            ),
+            (
+                b"eHlO x\r\naUtH lOgIn cHJpbnRlcg==\r\nfnQgInEiIGJccyAgw7zigqw=\r\n",
+                format!("{EHLO}334 UGFzc3dvcmQ6\r\n"),
+                login("printer", quirky, Some("x")),
+            ),
             (
                 b"EHLO printer.lan\r\nAUTH PLAIN AHByaW50ZXIAczNjcmV0\r\n",
                 EHLO.into(),
