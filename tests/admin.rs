@@ -348,3 +348,66 @@ async fn a_reload_turns_the_admin_listener_on_moves_it_and_off() {
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// With `state:` and Redis gone, the replica serves with local state: still
+/// ready (a fleet losing Redis must not take every replica out), with a
+/// `degraded` reason, and `shared_state_up` says 0 until Redis is back.
+#[tokio::test]
+async fn readyz_says_degraded_while_the_shared_state_is_down() {
+    let Some(mut redis) = support::redis::RedisServer::start() else { return };
+    let state =
+        format!("state: {{backend: redis, url: \"redis://127.0.0.1:{}\", prefix: a1, timeout: 300ms}}", redis.port);
+    let top = vec![ADMIN.into(), "token_store: { path: \"{dir}/tokens\" }".into(), state];
+    let h = Harness::with(Options { top_extra: top, ..Options::default() }).await;
+    let ready = get(&h, "/readyz").await;
+    assert_eq!((ready.status, ready.body.as_str()), (200, "{\"ready\":true}\n"));
+    assert_eq!(value(&scrape(&h).await, "xoauth2_proxy_shared_state_up"), 1.0);
+
+    redis.stop();
+    // A round trip notices it is gone.
+    assert!(h.login_answer("imap", "printer", PRINTER_PASSWORD).await.starts_with("a OK"));
+    let s = scrape_until(&h, |s| s.get("xoauth2_proxy_shared_state_up") == Some(&0.0)).await;
+    assert_eq!(value(&s, "xoauth2_proxy_shared_state_up"), 0.0);
+    let ready = get(&h, "/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let body: serde_json::Value = serde_json::from_str(&ready.body).unwrap();
+    assert_eq!(body["ready"], true);
+    let degraded = body["degraded"].as_str().unwrap();
+    assert!(degraded.starts_with("shared state unreachable (redis://127.0.0.1:"), "{degraded}");
+    assert!(degraded.ends_with("): serving with local state"), "{degraded}");
+
+    redis.restart();
+    scrape_until(&h, |s| s.get("xoauth2_proxy_shared_state_up") == Some(&1.0)).await;
+    assert_eq!(get(&h, "/readyz").await.body, "{\"ready\":true}\n");
+}
+
+/// A login over its mailbox's cap waits (`session_wait`): the wait is in
+/// `mailbox_slot_wait_seconds`, and one that waits in vain is a `limit`.
+#[tokio::test]
+async fn mailbox_waits_are_observed() {
+    let top = vec![ADMIN.into(), "max_sessions_per_mailbox: 1".into(), "session_wait: 300ms".into()];
+    let h = Harness::with(Options { top_extra: top, ..Options::default() }).await;
+    let mut first = h.connect("pop3").await;
+    first.expect("+OK").await;
+    first.send(format!("USER app\r\nPASS {APP_PASSWORD}\r\n")).await;
+    first.expect("+OK").await;
+    first.expect("+OK").await;
+    let busy = h.login_answer("pop3", "app", APP_PASSWORD).await;
+    assert!(busy.starts_with("-ERR [IN-USE]"), "{busy}");
+    let s = scrape(&h).await;
+    assert_eq!(value(&s, "xoauth2_proxy_mailbox_slot_wait_seconds_count{listener=\"pop3\"}"), 1.0);
+    assert!(value(&s, "xoauth2_proxy_mailbox_slot_wait_seconds_sum{listener=\"pop3\"}") >= 0.3);
+    assert_eq!(logins(&s, "pop3", "limit"), 1.0);
+    assert_eq!(logins(&s, "pop3", "ok"), 1.0);
+    // The place freed, a waiting login takes it and its wait is counted.
+    let mut second = h.connect("pop3").await;
+    second.expect("+OK").await;
+    second.send(format!("USER app\r\nPASS {APP_PASSWORD}\r\n")).await;
+    second.expect("+OK").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(first);
+    second.expect("+OK").await;
+    let s = scrape(&h).await;
+    assert_eq!(value(&s, "xoauth2_proxy_mailbox_slot_wait_seconds_count{listener=\"pop3\"}"), 2.0);
+    assert_eq!(logins(&s, "pop3", "ok"), 2.0);
+}

@@ -307,3 +307,60 @@ async fn sighup_on_the_binary_logs_one_line_per_outcome() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The mailbox slots outlive a reload: a session opened before it still
+/// holds its place under the (per-listener, reloaded) cap, and a raised cap
+/// applies at once over the same counts.
+#[tokio::test]
+async fn mailbox_sessions_keep_their_places_and_a_new_cap_applies_at_once() {
+    let caps = vec!["max_sessions_per_mailbox: 1".to_string(), "session_wait: 200ms".to_string()];
+    let mut h = Harness::with(Options { top_extra: caps, ..Options::default() }).await;
+    let mut first = spliced_pop3(&h).await;
+    let text = with_account(&h.config_text, "other", "contoso");
+    let done = h.reload(&text).await.unwrap();
+    assert!(done.contains("3 accounts"), "{done}");
+    let busy = h.login_answer("pop3", "app", APP_PASSWORD).await;
+    assert!(busy.starts_with("-ERR [IN-USE]"), "the reload forgot the open session: {busy}");
+
+    let done = h.reload(&text.replace("max_sessions_per_mailbox: 1", "max_sessions_per_mailbox: 2")).await.unwrap();
+    assert!(done.contains("3 accounts"), "{done}");
+    let mut second = spliced_pop3(&h).await;
+    let busy = h.login_answer("pop3", "app", APP_PASSWORD).await;
+    assert!(busy.starts_with("-ERR [IN-USE]"), "two sessions are open under a cap of 2: {busy}");
+    still_spliced(&mut first).await;
+    still_spliced(&mut second).await;
+}
+
+/// With `state:`, a reload keeps the replica's link to Redis (it connects
+/// at start only) and builds new token sources through it; a changed
+/// `state:` is said to apply at the next start.
+#[tokio::test]
+async fn a_reload_keeps_the_shared_state_and_says_a_changed_state_waits_for_a_restart() {
+    let Some(redis) = support::redis::RedisServer::start() else { return };
+    let state =
+        format!("state: {{backend: redis, url: \"redis://127.0.0.1:{}\", prefix: r1, timeout: 500ms}}", redis.port);
+    let top = vec!["token_store: { path: \"{dir}/tokens\" }".to_string(), state];
+    let mut h = Harness::with(Options { top_extra: top, ..Options::default() }).await;
+    assert!(h.login_answer("imap", "printer", PRINTER_PASSWORD).await.starts_with("a OK"));
+    assert_eq!(h.token.requests(), 1);
+
+    // Changed settings: a new source, wrapped for the fleet like the first.
+    let changed = h.config_text.replace("prefix: r1", "prefix: r2").replace(
+        "client_secret: ${TEST_CLIENT_SECRET}",
+        "client_secret: ${TEST_CLIENT_SECRET}\n    min_token_lifetime: 4m",
+    );
+    let done = h.reload(&changed).await.unwrap();
+    assert!(done.contains("contoso: settings changed, tokens dropped"), "{done}");
+    assert!(done.ends_with("; state applies at the next start (the replica keeps its shared state link)"), "{done}");
+    // The new source asks the fleet first (tokens are shared by identity
+    // name): the token the first one put in Redis, still valid, serves
+    // without a request to the token endpoint.
+    assert!(h.login_answer("imap", "printer", PRINTER_PASSWORD).await.starts_with("a OK"));
+    assert_eq!(h.token.requests(), 1, "the new source did not go through the shared state");
+
+    // Still not the running one: said again; back to it: nothing said.
+    let done = h.reload(&changed).await.unwrap();
+    assert!(done.ends_with("3 listeners, 1 identity, 2 accounts; state applies at the next start (the replica keeps its shared state link)"), "{done}");
+    let done = h.reload(&changed.replace("prefix: r2", "prefix: r1")).await.unwrap();
+    assert!(done.ends_with("3 listeners, 1 identity, 2 accounts"), "{done}");
+}
