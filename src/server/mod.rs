@@ -11,8 +11,11 @@
 //! context they were accepted with, so they finish with the settings they
 //! started with; new connections get the new ones. What must stay true across
 //! generations is carried over rather than rebuilt: sockets whose address did
-//! not change (the backlog is never closed), connection and per-mailbox
-//! counts, the login throttle's records, cached tokens of identities whose
+//! not change (the backlog is never closed), connection counts, the
+//! mailbox slots (this process's or the fleet's, with the logins waiting
+//! for one), the login throttle's records, the link to the shared state
+//! (`state:` connects at start only), each TLS listener's acceptor (it
+//! takes the re-read certificate), cached tokens of identities whose
 //! settings did not change, the verification pool and its memory of recent
 //! logins (unless `password_verification` changed), learned capabilities.
 
