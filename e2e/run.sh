@@ -170,12 +170,7 @@ start_services() {
   start smtp-sink "$logs/sink.log" python3 -u "$E2E_DIR/smtp_sink.py" --port "$PORT_SINK" --dir "$WORK/sink"
   wait_for_port "$PORT_SINK" smtp-sink "${PIDS[-1]}" "$logs/sink.log"
 
-  local dovecot_conf=$WORK/dovecot/dovecot.conf port
-  doveconf -c "$dovecot_conf" -n >/dev/null || die "Dovecot rejects $dovecot_conf"
-  start dovecot "$logs/dovecot.log" dovecot -F -c "$dovecot_conf"
-  for port in "$PORT_IMAPS" "$PORT_POP3S" "$PORT_SUBMISSION"; do
-    wait_for_port "$port" dovecot "${PIDS[-1]}" "$logs/dovecot.log"
-  done
+  start_dovecot
 
   "$PROXY_BIN" check -c "$WORK/proxy.yaml" >/dev/null || die "the proxy rejects $WORK/proxy.yaml"
   start xoauth2-proxy "$logs/proxy.log" "$PROXY_BIN" run -c "$WORK/proxy.yaml"
@@ -187,6 +182,16 @@ start_services() {
   if [[ ${E2E_PROMETHEUS:-1} != 0 ]]; then
     wait_for_port "$PORT_PROMETHEUS" prometheus "$PROMETHEUS_PID" "$logs/prometheus.log"
   fi
+}
+
+# This run's Dovecot (WORK/dovecot), in the foreground so that its pid is ours.
+start_dovecot() {
+  local dovecot_conf=$WORK/dovecot/dovecot.conf port
+  doveconf -c "$dovecot_conf" -n >/dev/null || die "Dovecot rejects $dovecot_conf"
+  start dovecot "$WORK/logs/dovecot.log" dovecot -F -c "$dovecot_conf"
+  for port in "$PORT_IMAPS" "$PORT_POP3S" "$PORT_SUBMISSION"; do
+    wait_for_port "$port" dovecot "${PIDS[-1]}" "$WORK/logs/dovecot.log"
+  done
 }
 
 # A private Prometheus (WORK/prometheus: world.py's prometheus.yml, its TSDB in data/) on
@@ -249,6 +254,11 @@ main() {
     python3 "$E2E_DIR/scenarios.py" --env "$WORK/env.json" "${main_patterns[@]}" || status=$?
   fi
   if (($# == 0 || ${#fleet_patterns[@]} > 0)); then
+    # The final phase (upstream-down-*) stops Dovecot; the fleet needs it again.
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT_IMAPS") 2>/dev/null; then
+      say "starting Dovecot again for the fleet-* scenarios (the final phase stopped it)"
+      start_dovecot
+    fi
     python3 "$E2E_DIR/fleet.py" --env "$WORK/env.json" "${fleet_patterns[@]}" || status=$?
   fi
   return "$status"

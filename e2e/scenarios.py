@@ -1255,8 +1255,10 @@ def tls_legacy_login(ctx: Context, version: str, kind: str = "legacy", starttls:
     implicit or after STARTTLS, a LOGIN, and serves a FETCH byte for byte."""
     acct, data = A["printer"], message(new_id())
     uid = ctx.clients.append(acct, data)
-    commands = (f"a1 LOGIN {acct.username} \"{acct.password}\"\na2 SELECT INBOX\n"
-                f"a3 UID FETCH {uid} (BODY.PEEK[])\na4 LOGOUT\n").replace('\\', '\\\\').encode()
+    # An IMAP quoted string: the password has a backslash and double quotes.
+    quoted = acct.password.replace('\\', '\\\\').replace('"', '\\"')
+    commands = (f"a1 LOGIN {acct.username} \"{quoted}\"\na2 SELECT INBOX\n"
+                f"a3 UID FETCH {uid} (BODY.PEEK[])\na4 LOGOUT\n").encode()
     status, output = openssl_client(ctx, ctx.env.proxy_port("imap", kind), version, commands, starttls)
     for tag in ["a1", "a2", "a3"]:
         check(re.search(rf"^{tag} OK", output, re.MULTILINE), f"-{version}: no {tag} OK: {tail(output, 6)}")

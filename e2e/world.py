@@ -311,6 +311,11 @@ def listener(ports: dict, kind: str, protocol: str, upstream_host: str = HOST) -
              f"    upstream: {upstream_host}:{ports[upstream]}",
              f"    upstream_tls: {tls}",
              "    upstream_timeout: 10s"]
+    if not kind:
+        # Every client is 127.0.0.1, and caps-imap-50-connections-wait opens 50 at once
+        # while other scenarios use the same listener: the default per-address cap (50)
+        # would turn one of them away.
+        lines.append("    max_connections_per_ip: 200")
     if kind in LOCAL_TLS:
         lines.append(f"    local_tls: {LOCAL_TLS[kind]}")
     return lines
