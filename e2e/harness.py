@@ -69,6 +69,8 @@ class Env:
     mbsync_dir: Path
     pending: list  # the world.PENDING features this world was rendered with
     check_configs: dict  # name -> path of a config for `check --online` (world.CHECK_CONFIGS)
+    prometheus: bool  # run.sh started a Prometheus scraping the proxy (E2E_PROMETHEUS=0: not)
+    prometheus_job: str
 
     @classmethod
     def load(cls, path: str) -> "Env":
@@ -78,7 +80,8 @@ class Env:
                    proxy_bin=raw["proxy_bin"], proxy_config=raw["proxy_config"],
                    token_store=Path(raw["token_store"]), postfix_config=raw["postfix_config"],
                    mbsync_dir=Path(raw["mbsync_dir"]), pending=raw["pending"],
-                   check_configs=raw["check_configs"])
+                   check_configs=raw["check_configs"], prometheus=raw["prometheus"],
+                   prometheus_job=raw["prometheus_job"])
 
     def proxy_command(self, *args: str) -> list[str]:
         """The proxy binary with this run's config, for `login` and `token`."""
@@ -311,8 +314,11 @@ class Raw:
     LOGIN with the username inline, IMAP literals, lower-case commands, UTF-8 passwords).
     Every failure message carries the transcript so far."""
 
-    def __init__(self, env: Env, protocol: str, kind: str = ""):
-        self.sock = socket.create_connection((env.host, env.proxy_port(protocol, kind)), timeout=TIMEOUT)
+    def __init__(self, env: Env, protocol: str, kind: str = "", source: str | None = None):
+        # `source`: another loopback address to connect from, whose login throttle
+        # records start empty (other scenarios' failures count against 127.0.0.1).
+        self.sock = socket.create_connection((env.host, env.proxy_port(protocol, kind)), timeout=TIMEOUT,
+                                             source_address=(source, 0) if source else None)
         self.file = self.sock.makefile("rb")
         self.lines: list[str] = []
 
@@ -559,6 +565,34 @@ class Attempt:
         check(re.match(pattern, answer), f"{protocol} {at}: expected {pattern!r}, got {answer!r}")
         check(kind == "unavailable" or at == "login", f"{protocol}: the greeting already failed: {answer!r}")
         return answer
+
+
+# ---- the admin listener and Prometheus ---------------------------------------------
+
+class Admin:
+    """The proxy's admin listener (/metrics, /healthz, /readyz) and the run's Prometheus."""
+
+    def __init__(self, env: Env):
+        self.env = env
+        self.base = f"http://{env.host}:{env.ports['admin']}"
+        self.prometheus = f"http://{env.host}:{env.ports['prometheus']}"
+        self.http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(self, path: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) of a GET to the admin listener."""
+        try:
+            with self.http.open(self.base + path, timeout=TIMEOUT) as response:
+                return response.status, response.headers.get("Content-Type", ""), response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Content-Type", ""), e.read()
+
+    def query(self, promql: str) -> list[tuple[dict, float]]:
+        """An instant query through Prometheus' HTTP API: (labels, value) per series."""
+        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with self.http.open(url, timeout=TIMEOUT) as response:
+            answer = json.loads(response.read())
+        check(answer.get("status") == "success", f"Prometheus answered {answer}")
+        return [(r["metric"], float(r["value"][1])) for r in answer["data"]["result"]]
 
 
 # ---- logs --------------------------------------------------------------------------

@@ -8,14 +8,16 @@
 #   bash e2e/run.sh 'imap-*' ...      only the scenarios matching these globs
 #   python3 e2e/scenarios.py --list   the scenario names
 #
-# A private Postfix relays through the proxy (a site's smarthost set-up), and mbsync
-# pulls a mailbox through it. e2e/fleet.py then runs three replicas sharing a private
-# redis-server behind a private HAProxy (the fleet-* scenarios).
+# A private Postfix relays through the proxy (a site's smarthost set-up), mbsync
+# pulls a mailbox through it, and a private Prometheus scrapes its admin listener.
+# e2e/fleet.py then runs three replicas sharing a private redis-server behind a
+# private HAProxy (the fleet-* scenarios).
 #
 # Environment: E2E_PROXY_BIN=path   use this binary (built with --features legacy-tls)
 #                                    instead of `cargo build --release --features legacy-tls`
 #              E2E_KEEP=1           keep the work directory (configs, logs, mail) afterwards
 #              E2E_DEBUG=1          debug logging in Dovecot and the proxy
+#              E2E_PROMETHEUS=0     leave Prometheus out (the metrics-prometheus scenario then fails)
 #              E2E_PENDING=a,b      render the world's parts for these pending issue 10
 #                                   features (world.PENDING); their scenarios run only when named
 set -euo pipefail
@@ -24,7 +26,7 @@ E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$E2E_DIR")
 readonly E2E_DIR REPO_DIR
 readonly PACKAGES=(dovecot-imapd dovecot-pop3d dovecot-submissiond openssl curl python3
-                  postfix libsasl2-modules isync redis-server haproxy)
+                  postfix libsasl2-modules isync redis-server haproxy prometheus)
 
 # The scenarios import world.py and harness.py: leave no __pycache__ in the source tree.
 export PYTHONDONTWRITEBYTECODE=1
@@ -49,6 +51,8 @@ install_missing_packages() {
   # that instance is not ours and does not matter: ours has its own ports and base_dir.
   # Postfix is told "No configuration": its postinst then writes no /etc/postfix/main.cf,
   # so the system-wide Postfix has nothing to start. Ours runs from its own directory.
+  # The same goes for Prometheus (it also brings promtool): ours has its own config,
+  # data directory and port.
   if [[ " ${missing[*]} " == *" postfix "* ]]; then
     echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
   fi
@@ -159,17 +163,14 @@ cleanup() {
 
 start_services() {
   local logs=$WORK/logs
+  # Prometheus starts first: it needs a second or two, and scrapes the proxy once it is up.
+  start_prometheus
   start mock-entra "$logs/mock.log" python3 -u "$E2E_DIR/mock_entra.py" --config "$WORK/mock.json" --port "$PORT_MOCK"
   wait_for_port "$PORT_MOCK" mock-entra "${PIDS[-1]}" "$logs/mock.log"
   start smtp-sink "$logs/sink.log" python3 -u "$E2E_DIR/smtp_sink.py" --port "$PORT_SINK" --dir "$WORK/sink"
   wait_for_port "$PORT_SINK" smtp-sink "${PIDS[-1]}" "$logs/sink.log"
 
-  local dovecot_conf=$WORK/dovecot/dovecot.conf port
-  doveconf -c "$dovecot_conf" -n >/dev/null || die "Dovecot rejects $dovecot_conf"
-  start dovecot "$logs/dovecot.log" dovecot -F -c "$dovecot_conf"
-  for port in "$PORT_IMAPS" "$PORT_POP3S" "$PORT_SUBMISSION"; do
-    wait_for_port "$port" dovecot "${PIDS[-1]}" "$logs/dovecot.log"
-  done
+  start_dovecot
 
   "$PROXY_BIN" check -c "$WORK/proxy.yaml" >/dev/null || die "the proxy rejects $WORK/proxy.yaml"
   start xoauth2-proxy "$logs/proxy.log" "$PROXY_BIN" run -c "$WORK/proxy.yaml"
@@ -178,6 +179,32 @@ start_services() {
   done
 
   start_postfix
+  if [[ ${E2E_PROMETHEUS:-1} != 0 ]]; then
+    wait_for_port "$PORT_PROMETHEUS" prometheus "$PROMETHEUS_PID" "$logs/prometheus.log"
+  fi
+}
+
+# This run's Dovecot (WORK/dovecot), in the foreground so that its pid is ours.
+start_dovecot() {
+  local dovecot_conf=$WORK/dovecot/dovecot.conf port
+  doveconf -c "$dovecot_conf" -n >/dev/null || die "Dovecot rejects $dovecot_conf"
+  start dovecot "$WORK/logs/dovecot.log" dovecot -F -c "$dovecot_conf"
+  for port in "$PORT_IMAPS" "$PORT_POP3S" "$PORT_SUBMISSION"; do
+    wait_for_port "$port" dovecot "${PIDS[-1]}" "$WORK/logs/dovecot.log"
+  done
+}
+
+# A private Prometheus (WORK/prometheus: world.py's prometheus.yml, its TSDB in data/) on
+# its own loopback port, scraping the proxy's admin listener every second.
+start_prometheus() {
+  local dir=$WORK/prometheus
+  touch "$WORK/logs/prometheus.log"
+  [[ ${E2E_PROMETHEUS:-1} == 0 ]] && return 0
+  promtool check config "$dir/prometheus.yml" >/dev/null || die "promtool rejects $dir/prometheus.yml"
+  start prometheus "$WORK/logs/prometheus.log" prometheus --config.file="$dir/prometheus.yml" \
+    --storage.tsdb.path="$dir/data" --storage.tsdb.retention.time=1h \
+    --web.listen-address="127.0.0.1:$PORT_PROMETHEUS" --log.level=warn
+  PROMETHEUS_PID=${PIDS[-1]}
 }
 
 # `postfix check` makes the private queue's subdirectories (it wants the queue itself
@@ -227,6 +254,11 @@ main() {
     python3 "$E2E_DIR/scenarios.py" --env "$WORK/env.json" "${main_patterns[@]}" || status=$?
   fi
   if (($# == 0 || ${#fleet_patterns[@]} > 0)); then
+    # The final phase (upstream-down-*) stops Dovecot; the fleet needs it again.
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT_IMAPS") 2>/dev/null; then
+      say "starting Dovecot again for the fleet-* scenarios (the final phase stopped it)"
+      start_dovecot
+    fi
     python3 "$E2E_DIR/fleet.py" --env "$WORK/env.json" "${fleet_patterns[@]}" || status=$?
   fi
   return "$status"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import world
-from harness import (ANSWERS, TIMEOUT, Attempt, Clients, Env, Failed, Logs, Mock, Postfix, Raw, Sink, b64, check,
+from harness import (ANSWERS, TIMEOUT, Admin, Attempt, Clients, Env, Failed, Logs, Mock, Postfix, Raw, Sink, b64, check,
                      client_hello, curl_auth_command, dot_stuffed, imap_append, maildir_messages, mbsync, message, new_id, sha256,
                      tail, text, wait_until, without_received)
 from world import ACCOUNTS as A, IDENTITIES
@@ -1255,8 +1255,10 @@ def tls_legacy_login(ctx: Context, version: str, kind: str = "legacy", starttls:
     implicit or after STARTTLS, a LOGIN, and serves a FETCH byte for byte."""
     acct, data = A["printer"], message(new_id())
     uid = ctx.clients.append(acct, data)
-    commands = (f"a1 LOGIN {acct.username} \"{acct.password}\"\na2 SELECT INBOX\n"
-                f"a3 UID FETCH {uid} (BODY.PEEK[])\na4 LOGOUT\n").replace('\\', '\\\\').encode()
+    # An IMAP quoted string: the password has a backslash and double quotes.
+    quoted = acct.password.replace('\\', '\\\\').replace('"', '\\"')
+    commands = (f"a1 LOGIN {acct.username} \"{quoted}\"\na2 SELECT INBOX\n"
+                f"a3 UID FETCH {uid} (BODY.PEEK[])\na4 LOGOUT\n").encode()
     status, output = openssl_client(ctx, ctx.env.proxy_port("imap", kind), version, commands, starttls)
     for tag in ["a1", "a2", "a3"]:
         check(re.search(rf"^{tag} OK", output, re.MULTILINE), f"-{version}: no {tag} OK: {tail(output, 6)}")
@@ -1489,6 +1491,107 @@ variants(capped_pool,
          ("caps-smtp-12-senders-wait", {"protocol": "smtp", "account": "crm", "sessions": 12, "cap": 3}),
          ("caps-imap-50-connections-wait", {"protocol": "imap", "account": "collector", "sessions": 50, "cap": 20}),
          pending="per-protocol-caps")
+
+
+# ---- observability: the admin listener, scraped by a real Prometheus ---------------
+
+METRICS_LOGINS = {"ok": 2, "bad_credentials": 1}  # per protocol, on the "metrics" listeners
+METRICS_SOURCE = "127.0.0.2"  # a loopback address of its own: no other scenario's throttle records
+
+
+def metrics_login(ctx: Context, protocol: str, password: str, ok: bool) -> None:
+    """One login on the protocol's "metrics" listener, raw, from METRICS_SOURCE."""
+    acct = A["metrics"]
+    raw = Raw(ctx.env, protocol, "metrics", source=METRICS_SOURCE)
+    try:
+        if protocol == "imap":
+            raw.expect(rb"\* OK")
+            raw.imap(b"a", b"LOGIN " + acct.username.encode() + b" " + imap_quoted(password), b"OK" if ok else b"NO")
+            if ok:
+                raw.imap(b"b", b"LOGOUT")
+        elif protocol == "pop3":
+            raw.pop3(None)
+            raw.pop3(b"USER " + acct.username.encode())
+            if ok:
+                raw.pop3(b"PASS " + password.encode())
+                raw.pop3(b"QUIT")
+            else:
+                raw.send(b"PASS " + password.encode() + CRLF)
+                raw.expect(rb"-ERR \[AUTH\]")
+        else:
+            raw.smtp(None, 220)
+            raw.smtp(b"EHLO metrics.example.test", 250)
+            raw.smtp(b"AUTH PLAIN " + b64(f"\0{acct.username}\0{password}"), 235 if ok else 535)
+            if ok:
+                raw.smtp(b"QUIT", 221)
+    finally:
+        raw.close()
+
+
+def promtool_check(exposition: bytes) -> str:
+    """`promtool check metrics` (Debian's, from the prometheus package) on an exposition."""
+    result = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, timeout=60)
+    output = (result.stdout + result.stderr).decode("utf-8", "replace").strip()
+    check(result.returncode == 0, f"promtool check metrics failed: {output}")
+    return output
+
+
+@scenario("metrics-prometheus")
+def metrics_prometheus(ctx: Context):
+    """A real Prometheus scrapes the proxy's admin listener every second (`up` is 1),
+    and through its query API the login counters of the scenario's own listeners move
+    by exactly the logins it made, per protocol and result; the exposition passes
+    `promtool check metrics`; /healthz answers 200 and /readyz 200 or a JSON reason."""
+    check(ctx.env.prometheus, "Prometheus was left out of this run (E2E_PROMETHEUS=0)")
+    admin, job = Admin(ctx.env), ctx.env.prometheus_job
+    wait_until(lambda: any(v == 1 for _, v in admin.query(f'up{{job="{job}"}}')), 30,
+               f"Prometheus to scrape the proxy (up{{job=\"{job}\"}} == 1)")
+    selector = f'xoauth2_proxy_logins_total{{job="{job}",listener=~"e2e-metrics-.*"}}'
+
+    def counts() -> dict:
+        return {(m["listener"], m["result"]): v for m, v in admin.query(selector)}
+
+    # The listeners' series exist from the start, at zero (nothing else logs in there).
+    before = wait_until(lambda: counts() or None, 10, "the metrics listeners' series in Prometheus")
+    acct = A["metrics"]
+    for protocol in PROTOCOLS:
+        for _ in range(METRICS_LOGINS["ok"]):
+            metrics_login(ctx, protocol, acct.password, ok=True)
+        for _ in range(METRICS_LOGINS["bad_credentials"]):
+            metrics_login(ctx, protocol, acct.password + "-wrong", ok=False)
+    expected = {key: value + METRICS_LOGINS.get(key[1], 0) for key, value in before.items()}
+    check(len(expected) == 3 * 7, f"expected 7 results on 3 listeners, Prometheus has {sorted(before)}")
+    got = {}
+
+    def settled() -> bool:
+        nonlocal got
+        got = counts()
+        return got == expected
+
+    try:
+        wait_until(settled, 15, "Prometheus to see the logins", interval=0.5)
+    except Failed:
+        wrong = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
+        raise Failed(f"(listener, result): (Prometheus, expected) differ: {wrong}")
+    accepted = {m["listener"]: v for m, v in admin.query(
+        f'xoauth2_proxy_connections_accepted_total{{job="{job}",listener=~"e2e-metrics-.*"}}')}
+    per_protocol_logins = sum(METRICS_LOGINS.values())
+    check(all(v >= per_protocol_logins for v in accepted.values()) and len(accepted) == 3,
+          f"connections accepted: {accepted}")
+    status, content_type, exposition = admin.get("/metrics")
+    check(status == 200 and content_type == "text/plain; version=0.0.4", f"/metrics: {status} {content_type}")
+    lint = promtool_check(exposition)
+    status, _, body = admin.get("/healthz")
+    check(status == 200, f"/healthz: {status} {body!r}")
+    status, content_type, body = admin.get("/readyz")
+    doc = json.loads(body)
+    # Other scenarios make identities fail on purpose: ready or not, the answer says why.
+    check((status, doc.get("ready")) in [(200, True), (503, False)] and content_type == "application/json",
+          f"/readyz: {status} {content_type} {body!r}")
+    check(status == 200 or doc["reason"].startswith("identity "), f"/readyz reason: {doc}")
+    samples = sum(1 for line in exposition.splitlines() if line and not line.startswith(b"#"))
+    return (f"{sum(METRICS_LOGINS.values()) * 3} logins counted exactly; {len(exposition)} bytes, {samples} "
+            f"samples, promtool ok{' (' + lint + ')' if lint else ''}; /readyz {status}")
 
 
 # ---- the upstream is gone (last: stops Dovecot) ------------------------------------

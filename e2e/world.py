@@ -10,7 +10,8 @@ picks free loopback ports and writes, under WORK_DIR, everything one run needs:
 mock.json, proxy.yaml, dovecot/{dovecot.conf,oauth2-*.conf.ext}, postfix/{main.cf,
 master.cf,sasl_passwd,...} (the site relay), mbsync/*.rc (one per mbsync scenario),
 check-*.yaml (small configs the check-* scenarios diagnose with `check --online`),
-env.json (what the scenarios read) and ports.env (what e2e/run.sh sources).
+prometheus/prometheus.yml (a Prometheus scraping the proxy's admin listener every
+second), env.json (what the scenarios read) and ports.env (what e2e/run.sh sources).
 """
 
 import json
@@ -150,6 +151,9 @@ ACCOUNTS = {a.username: a for a in [
     Account("unicode", "main", hashed=True, secret="Pässwörd ~ \"ünï\" \\ 日本語 €"),
     Account("doc", "doctor", smtp_user=f"docsender@{DOMAIN}"),
     Account("docnorole", "doctor-norole"),
+    # The metrics-* scenario's logins, on listeners of their own (kind "metrics"), so the
+    # counters Prometheus reads move by exactly its logins while other scenarios run.
+    Account("metrics", "main", secret="metrics-pass-7"),
     # fleet-*: one account per scenario, so each counts only its own sessions.
     Account("fleet", "fleet"),
     Account("fleetfirst", "fleetfirst"),
@@ -175,11 +179,13 @@ def proxy_port_name(kind: str, protocol: str) -> str:
     return f"proxy_{kind}_{protocol}" if kind else f"proxy_{protocol}"
 
 
-# Five listeners per protocol, all in front of the same Dovecot: the ones most scenarios
+# Six listeners per protocol, all in front of the same Dovecot: the ones most scenarios
 # use; "cold" ones that get no session before Dovecot is stopped (upstream-down);
 # "badtls" ones that reach Dovecot as "localhost", a name its certificate does not carry;
-# "starttls" and "implicit" ones with that `local_tls` (Postfix and mbsync over TLS).
-LISTENER_KINDS = {"": HOST, "cold": HOST, "badtls": "localhost", "starttls": HOST, "implicit": HOST}
+# "starttls" and "implicit" ones with that `local_tls` (Postfix and mbsync over TLS);
+# "metrics" ones only the metrics-prometheus scenario logs in to.
+LISTENER_KINDS = {"": HOST, "cold": HOST, "badtls": "localhost", "starttls": HOST, "implicit": HOST,
+                  "metrics": HOST}
 LOCAL_TLS = {"starttls": "starttls", "implicit": "implicit"}  # kind -> local_tls, where not none
 # The name the proxy's own certificate carries (besides IP 127.0.0.1): Postfix checks
 # it with `smtp_tls_policy_maps ... secure match=`.
@@ -224,7 +230,10 @@ def legacy_lines(kind: str, pki: Path) -> list[str]:
 
 
 PENDING_KINDS = {kind: feature for feature, part in PENDING.items() for kind in part.get("listeners", {})}
-PORT_NAMES = ["mock", "sink", "imaps", "pop3s", "submission", "closed", "postfix",
+# Prometheus scrapes the proxy's admin listener this often (and times out after it).
+SCRAPE_INTERVAL = "1s"
+PROMETHEUS_JOB = "xoauth2-proxy"
+PORT_NAMES = ["mock", "sink", "imaps", "pop3s", "submission", "closed", "postfix", "admin", "prometheus",
               *[proxy_port_name(kind, protocol) for kind in LISTENER_KINDS for protocol in PROTOCOLS],
               *[proxy_port_name(kind, protocol) for kind, (protocols, _) in LEGACY_LISTENERS.items()
                 for protocol in protocols],
@@ -302,6 +311,11 @@ def listener(ports: dict, kind: str, protocol: str, upstream_host: str = HOST) -
              f"    upstream: {upstream_host}:{ports[upstream]}",
              f"    upstream_tls: {tls}",
              "    upstream_timeout: 10s"]
+    if not kind:
+        # Every client is 127.0.0.1, and caps-imap-50-connections-wait opens 50 at once
+        # while other scenarios use the same listener: the default per-address cap (50)
+        # would turn one of them away.
+        lines.append("    max_connections_per_ip: 200")
     if kind in LOCAL_TLS:
         lines.append(f"    local_tls: {LOCAL_TLS[kind]}")
     return lines
@@ -346,7 +360,8 @@ def proxy_config(ports: dict, pki: Path, store: Path, proxy_bin: str, debug: boo
         lines += [f"    mailbox: {account.mailbox}", f"    identity: {account.identity}"]
         if account.smtp_user:
             lines.append(f"    smtp_user: {account.smtp_user}")
-    lines += ["token_store:", f"  path: {yaml_str(str(store))}",
+    lines += [f"admin: {{ bind: \"{HOST}:{ports['admin']}\" }}",
+              "token_store:", f"  path: {yaml_str(str(store))}",
               # token-single-flight makes 20 sessions for one mailbox at once.
               *(PENDING["per-protocol-caps"]["top"] if "per-protocol-caps" in pending
                 else ["max_sessions_per_mailbox: 100"]),
@@ -371,6 +386,16 @@ def check_config(ports: dict, ca_file: Path, name: str) -> str:
     if account.smtp_user:
         lines.append(f"    smtp_user: {account.smtp_user}")
     return "\n".join(lines + [""])
+
+
+def prometheus_config(ports: dict) -> str:
+    """One job: the proxy's admin listener, scraped every SCRAPE_INTERVAL."""
+    return "\n".join([
+        "# Prometheus for one e2e run, written by e2e/world.py; run.sh starts it.",
+        "global:", f"  scrape_interval: {SCRAPE_INTERVAL}", f"  scrape_timeout: {SCRAPE_INTERVAL}",
+        f"  evaluation_interval: {SCRAPE_INTERVAL}",
+        "scrape_configs:", f"  - job_name: {PROMETHEUS_JOB}", "    static_configs:",
+        f"      - targets: [\"{HOST}:{ports['admin']}\"]", ""])
 
 
 def render(template: str, values: dict) -> str:
@@ -468,6 +493,8 @@ def configure(work: Path, proxy_bin: str, debug: bool) -> None:
     (work / "proxy.yaml").write_text(proxy_config(ports, work / "pki", work / "store", proxy_bin, debug, pending))
     postfix_config(work, ports)
     mbsync_config(work, ports)
+    (work / "prometheus").mkdir(exist_ok=True)
+    (work / "prometheus" / "prometheus.yml").write_text(prometheus_config(ports))
     check_configs = {}
     for name in CHECK_CONFIGS:
         check_configs[name] = str(work / f"check-{name}.yaml")
@@ -480,7 +507,9 @@ def configure(work: Path, proxy_bin: str, debug: bool) -> None:
         "sink_dir": str(work / "sink"),
         "dovecot_config": str(dovecot_dir / "dovecot.conf"),
         "pending": pending, "postfix_config": str(work / "postfix" / "etc"), "mbsync_dir": str(work / "mbsync"),
-        "logs": {name: str(logs / f"{name}.log") for name in ["proxy", "dovecot", "mock", "sink", "postfix"]},
+        "prometheus": os.environ.get("E2E_PROMETHEUS", "1") != "0", "prometheus_job": PROMETHEUS_JOB,
+        "logs": {name: str(logs / f"{name}.log")
+                 for name in ["proxy", "dovecot", "mock", "sink", "postfix", "prometheus"]},
     }
     (work / "env.json").write_text(json.dumps(env, indent=2))
     (work / "ports.env").write_text("".join(f"PORT_{name.upper()}={port}\n" for name, port in ports.items()))

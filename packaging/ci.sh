@@ -6,7 +6,8 @@
 #   2. the systemd unit as installed: `systemd-analyze verify`, the exposure score
 #      of `systemd-analyze security --offline=yes`, and the service started as
 #      systemd would (its user, a notify socket, a watchdog), with every system
-#      call it makes checked against the unit's SystemCallFilter=;
+#      call it makes checked against the unit's SystemCallFilter=, and its
+#      admin listener's /healthz and /readyz probed;
 #   3. the Kubernetes example against the Kubernetes schemas (kubernetes-validate);
 #   4. the container image (packaging/container/build.sh), where a builder can run.
 # It ends with the figures (package size, idle RSS, exposure score, outcomes).
@@ -165,8 +166,13 @@ PY
   say "ok: READY=1 from pid $pid: $(grep -m1 'READY=1' "$WORK/notify.log")"
   wait_for_notify "WATCHDOG=1" 1
   say "ok: watchdog pings arrive"
+  # The shipped config's admin listener, as the container's HEALTHCHECK and the
+  # Kubernetes probes ask it (with the installed binary's own probe command).
+  /usr/bin/xoauth2-proxy probe http://127.0.0.1:9464/healthz >&2 || die "/healthz of the installed service"
+  /usr/bin/xoauth2-proxy probe http://127.0.0.1:9464/readyz >&2 || die "/readyz of the installed service"
+  say "ok: /healthz and /readyz answer 200"
   sleep 2
-  figure "idle RSS of the installed proxy (shipped config, 3 listeners)" "$(awk '/^VmRSS/ {print $2, $3}' "/proc/$pid/status")"
+  figure "idle RSS of the installed proxy (shipped config, 3 listeners, admin listener)" "$(awk '/^VmRSS/ {print $2, $3}' "/proc/$pid/status")"
   figure "open files of the idle proxy" "$(find "/proc/$pid/fd" -mindepth 1 | wc -l) (limit: $(awk '/Max open files/ {print $4}' "/proc/$pid/limits"))"
   # ExecReload, as the unit runs it.
   setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups \

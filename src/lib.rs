@@ -25,14 +25,18 @@
 //! redacting `Secret<T>`), [`text`], [`fsutil`], [`telemetry`], [`doctor`]
 //! (`check --online`'s diagnosis of the path above, and the `setup` guide),
 //! [`state`] (what several replicas share in Redis: tokens, the refresh lock,
-//! session leases, failure counts), and [`cli`] (one module per subcommand).
+//! session leases, failure counts), [`metrics`] (the counters the path feeds)
+//! and [`admin`] (the HTTP listener serving them with the health checks), and
+//! [`cli`] (one module per subcommand).
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod fsutil;
+pub mod metrics;
 pub mod preflight;
 pub mod protocol;
 pub mod sasl;

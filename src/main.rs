@@ -43,10 +43,14 @@ enum Command {
     /// Serve every listener until SIGTERM or SIGINT; SIGHUP re-reads the configuration.
     #[command(long_about = "Serve every listener until SIGTERM or SIGINT (running sessions then get \
         shutdown_timeout to finish).\n\n\
-        SIGHUP (`xoauth2-proxy reload`, or `systemctl reload xoauth2-proxy`) re-reads the \
-        configuration without dropping sessions: accounts and the local TLS certificate apply \
-        at once; listeners, identities and token_store at the next start. A configuration \
-        with errors is logged and the running one kept.\n\n\
+        SIGHUP (`xoauth2-proxy reload`, or `systemctl reload xoauth2-proxy`) applies the whole \
+        re-read configuration without dropping a session: listeners added, removed or moved \
+        (an unchanged address keeps its socket), identities (a changed one gets a new token \
+        source, the others keep their cached tokens), accounts, the local TLS certificate, \
+        limits, the admin listener and the log level (log.format applies at the next start). \
+        Sessions already running keep the settings they started with. A configuration with \
+        errors, or an address that cannot be bound, changes nothing: the reason is logged in \
+        one line and the running configuration kept.\n\n\
         Under systemd (Type=notify) the proxy reports READY=1 once every listener is bound, \
         RELOADING=1 and READY=1 around a reload, STOPPING=1 at shutdown, and pings the \
         watchdog when WatchdogSec= is set.")]

@@ -5,7 +5,10 @@
 
 use crate::config::{LogConfig, LogFormat, LogLevel};
 use std::io::IsTerminal;
-use tracing_subscriber::EnvFilter;
+use std::sync::OnceLock;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 /// Environment variable with `tracing` filter directives that override the
 /// config's level, e.g. `XOAUTH2_PROXY_LOG=xoauth2_proxy=debug`.
@@ -29,12 +32,42 @@ pub fn filter(level: LogLevel) -> EnvFilter {
     }
 }
 
+/// The level filter of the installed subscriber, replaceable by a reload,
+/// and the format it was installed with (which is not).
+static INSTALLED: OnceLock<(reload::Handle<EnvFilter, Registry>, LogFormat)> = OnceLock::new();
+
 pub fn init(config: &LogConfig) {
-    let builder = tracing_subscriber::fmt().with_env_filter(filter(config.level)).with_writer(std::io::stderr);
+    let (filter, handle) = reload::Layer::new(filter(config.level));
+    let registry = tracing_subscriber::registry().with(filter);
+    let stderr = || std::io::stderr();
     let result = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(stderr),
+            )
+            .try_init(),
+        LogFormat::Text => {
+            registry.with(fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(stderr)).try_init()
+        }
     };
     // A second init (tests, embedding) keeps the first subscriber.
-    let _ = result;
+    if result.is_ok() {
+        let _ = INSTALLED.set((handle, config.format));
+    }
+}
+
+/// Applies a reloaded `log.level`. Returns false when `log.format` changed,
+/// which applies at the next start (the writer's format is fixed once the
+/// subscriber is installed).
+pub fn reconfigure(config: &LogConfig) -> bool {
+    let Some((handle, format)) = INSTALLED.get() else { return true };
+    if let Err(e) = handle.reload(filter(config.level)) {
+        tracing::warn!(error = %e, "cannot apply the reloaded log level");
+    }
+    *format == config.format
 }

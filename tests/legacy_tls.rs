@@ -152,16 +152,14 @@ async fn the_default_profile_refuses_the_old_handshake() {
     .await;
     for (version, suite) in [(SslVersion::TLS1, "AES128-SHA"), (SslVersion::TLS1_1, "AES128-SHA")] {
         let result = handshake(&rsa_client(version, suite), h.connect("imap").await.stream).await;
-        let Err(err) = result else { panic!("rustls must refuse TLS 1.0/1.1") };
+        let err = result.expect_err("rustls must refuse TLS 1.0/1.1");
         // The refusal is the server's alert, not a local failure to offer.
         assert!(err.to_string().contains("alert"), "{err}");
     }
     // And RSA key exchange on TLS 1.2 as well (rustls has no such suite).
-    let Err(err) =
-        handshake(&rsa_client(SslVersion::TLS1_2, "AES128-GCM-SHA256"), h.connect("imap").await.stream).await
-    else {
-        panic!("rustls must refuse RSA key exchange")
-    };
+    let err = handshake(&rsa_client(SslVersion::TLS1_2, "AES128-GCM-SHA256"), h.connect("imap").await.stream)
+        .await
+        .expect_err("rustls must refuse RSA key exchange");
     assert!(err.to_string().contains("alert"), "{err}");
 }
 

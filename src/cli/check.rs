@@ -101,6 +101,9 @@ fn summary_text(config: &Config) -> String {
             logins(l)
         ));
     }
+    if let Some(admin) = &config.admin {
+        out.push_str(&format!("  admin listener on {}: /metrics, /healthz, /readyz over HTTP\n", admin.bind));
+    }
     for id in config.identities.values() {
         out.push_str(&format!("  identity {:?}: {}, token endpoint {}\n", id.name, id.flow.as_str(), id.token_url));
     }
@@ -138,6 +141,7 @@ fn summary_json(config: &Config) -> serde_json::Value {
         "config": config.source.display().to_string(),
         "valid": true,
         "listeners": listeners,
+        "admin": config.admin.as_ref().map(|a| json!({"bind": a.bind.to_string()})),
         "identities": identities,
         "accounts": config.accounts.len(),
         "warnings": config.warnings,

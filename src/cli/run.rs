@@ -72,7 +72,7 @@ pub async fn run(config_path: &Path, pid_file: Option<&Path>, early: EarlySignal
     }
     proxy.warm_up_delegated(&config);
     let status = Status {
-        listeners: proxy.local_addrs().len(),
+        listeners: Arc::new(AtomicUsize::new(proxy.local_addrs().len())),
         accounts: Arc::new(AtomicUsize::new(config.accounts.len())),
         reload_failed: Arc::new(AtomicBool::new(false)),
         tokens: proxy.tokens(),
@@ -119,7 +119,7 @@ pub fn log_warnings(config: &Config) {
 /// What the status line is made of; the account count follows reloads.
 #[derive(Clone)]
 struct Status {
-    listeners: usize,
+    listeners: Arc<AtomicUsize>,
     accounts: Arc<AtomicUsize>,
     reload_failed: Arc<AtomicBool>,
     tokens: TokenManager,
@@ -128,8 +128,11 @@ struct Status {
 
 impl Status {
     fn line(&self) -> String {
-        let mut line =
-            service::status_line(self.listeners, self.accounts.load(Ordering::Relaxed), self.tokens.valid_tokens());
+        let mut line = service::status_line(
+            self.listeners.load(Ordering::Relaxed),
+            self.accounts.load(Ordering::Relaxed),
+            self.tokens.valid_tokens(),
+        );
         if self.state.as_ref().is_some_and(|s| !s.is_up()) {
             line.push_str("; shared state unreachable, serving with local state");
         }
@@ -142,7 +145,8 @@ impl Status {
 }
 
 /// Each SIGHUP: tell systemd a reload runs, apply the re-read configuration
-/// (or keep the current one if it has errors), tell systemd it is done.
+/// as a whole (or keep the current one, saying why in one line), tell
+/// systemd it is done.
 /// `pending`: a SIGHUP came during start-up; it is applied first.
 async fn reload_on_hangup(
     hangup: std::io::Result<Signal>,
@@ -169,25 +173,37 @@ async fn reload_on_hangup(
             Config::load(&path).and_then(|config| crate::preflight::check(&config).map(|()| config))
         })
         .await;
-        let Ok(loaded) = loaded else { continue };
         let ok = match loaded {
-            Ok(config) => match reloader.reload(&config) {
-                Ok(done) => {
-                    log_warnings(&config);
-                    status.accounts.store(config.accounts.len(), Ordering::Relaxed);
-                    info!("SIGHUP: reloaded {done}; listeners, identities and token_store apply at the next start");
-                    true
-                }
-                Err(e) => {
-                    error!("SIGHUP: keeping the current configuration: {e}");
-                    false
-                }
-            },
-            Err(e) => {
-                error!("SIGHUP: the configuration has errors; keeping the current one:\n{e}");
+            Err(_) => {
+                error!("SIGHUP: keeping the current configuration: the reload task failed");
                 false
             }
+            Ok(Err(e)) => {
+                let problems: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+                error!("SIGHUP: the configuration has errors; keeping the current one: {}", problems.join("; "));
+                false
+            }
+            Ok(Ok(config)) => {
+                let accounts = config.accounts.len();
+                let warnings = config.warnings.clone();
+                match reloader.reload(config).await {
+                    Ok(done) => {
+                        for warning in &warnings {
+                            warn!("{warning}");
+                        }
+                        status.accounts.store(accounts, Ordering::Relaxed);
+                        status.listeners.store(reloader.local_addrs().len(), Ordering::Relaxed);
+                        info!("SIGHUP: reloaded {done}");
+                        true
+                    }
+                    Err(e) => {
+                        error!("SIGHUP: keeping the current configuration: {e}");
+                        false
+                    }
+                }
+            }
         };
+        reloader.reloaded(ok);
         status.reload_failed.store(!ok, Ordering::Relaxed);
         service::ready(&status.line());
     }

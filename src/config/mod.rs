@@ -40,6 +40,8 @@ pub struct Config {
     pub session_wait: Duration,
     pub login_throttle: LoginThrottle,
     pub password_verification: PasswordVerification,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); off when absent.
+    pub admin: Option<AdminConfig>,
     /// Shared state for several replicas; `None`: files and memory.
     pub state: Option<StateConfig>,
     /// Things that are allowed but deserve the admin's attention.
@@ -180,6 +182,18 @@ impl Default for PasswordVerification {
     }
 }
 
+/// Where the admin listener serves `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+impl AdminConfig {
+    /// Loopback, on the port the Prometheus exporter registry lists for no
+    /// one in particular and the packaging's probes use.
+    pub const DEFAULT_BIND: &'static str = "127.0.0.1:9464";
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddr {
     pub host: String,
@@ -272,7 +286,9 @@ pub enum TokenStoreKey {
 }
 
 /// `state:`: the Redis (or Valkey) server that replicas share.
-#[derive(Debug, Clone)]
+/// Comparable, so a reload can tell that `state:` changed (it applies at
+/// the next start).
+#[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     pub backend: StateBackend,
     /// `redis://` or `rediss://` (TLS); a password in it is a secret.
@@ -310,7 +326,7 @@ impl StateConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StatePassword {
     Inline(Secret<String>),
     /// Read when connecting, so a rotated password needs no restart.

@@ -37,7 +37,17 @@ pub struct RawConfig {
     #[serde(default)]
     pub password_verification: Option<RawPasswordVerification>,
     #[serde(default)]
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
     pub state: Option<RawState>,
+}
+
+/// The admin listener: metrics and health checks over HTTP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default)]
+    pub bind: Option<String>,
 }
 
 /// Where replicas share their state (`state:`); absent means files and memory.

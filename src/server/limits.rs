@@ -94,6 +94,12 @@ impl ConnectionLimiter {
     pub fn open(&self) -> usize {
         self.counts.get(&None)
     }
+
+    /// New caps over the same counts (a reload): connections already open
+    /// still count against them.
+    pub fn with_limits(&self, max: usize, per_ip: usize) -> Self {
+        ConnectionLimiter { max, per_ip, counts: self.counts.clone() }
+    }
 }
 
 /// Upstream sessions per mailbox and protocol, across the listeners of that
@@ -248,8 +254,9 @@ const MAX_RECORDS: usize = 50_000;
 #[derive(Debug)]
 pub struct LoginThrottler {
     config: LoginThrottle,
-    by_ip: Mutex<HashMap<IpAddr, Record>>,
-    by_user: Mutex<HashMap<String, Record>>,
+    /// Shared with the throttler a reload makes ([`LoginThrottler::with_config`]).
+    by_ip: Arc<Mutex<HashMap<IpAddr, Record>>>,
+    by_user: Arc<Mutex<HashMap<String, Record>>>,
     shared: Option<Arc<crate::state::SharedState>>,
 }
 
@@ -315,7 +322,14 @@ impl Drop for Attempt<'_> {
 
 impl LoginThrottler {
     pub fn new(config: LoginThrottle) -> Self {
-        LoginThrottler { config, by_ip: Mutex::new(HashMap::new()), by_user: Mutex::new(HashMap::new()), shared: None }
+        LoginThrottler { config, by_ip: Arc::default(), by_user: Arc::default(), shared: None }
+    }
+
+    /// New settings over the same records (a reload): failures already
+    /// counted, attempts waiting at a gate and the fleet's shared counts
+    /// carry over.
+    pub fn with_config(&self, config: LoginThrottle) -> Self {
+        LoginThrottler { config, by_ip: self.by_ip.clone(), by_user: self.by_user.clone(), shared: self.shared.clone() }
     }
 
     /// Counts failures for the whole fleet in the shared state as well.

@@ -61,55 +61,75 @@ pub(super) struct Certificates {
     slots: Vec<Slot>,
 }
 
+#[derive(Clone)]
 struct Slot {
     /// The listener it serves (a reload finds its files by this name).
     listener: String,
-    /// Fixed at start, like the listener itself.
+    /// A listener whose profile a reload changes gets a new slot.
     profile: LocalTlsProfile,
     acceptor: Arc<RwLock<ServerTls>>,
 }
 
-/// Acceptors read for a reload, not yet in use.
-pub(super) struct Fresh<'a>(Vec<(&'a Slot, ServerTls)>);
+/// The certificates a configuration names, read from their files, not yet
+/// in use.
+pub(super) struct Loaded(Vec<(String, LocalTlsProfile, ServerTls)>);
+
+/// The next generation's certificates: a listener that keeps its name and
+/// profile keeps its acceptor (sessions of the running generation share
+/// it), which takes the re-read certificate at [`Staged::commit`]; any
+/// other gets a new one.
+pub(super) struct Staged {
+    slots: Vec<Slot>,
+    pending: Vec<(Arc<RwLock<ServerTls>>, ServerTls)>,
+}
 
 impl Certificates {
-    /// Loads the certificate a listener serves, if it has local TLS.
-    pub fn for_listener(&mut self, config: &Config, l: &ListenerConfig) -> Result<Option<LocalTls>, TlsError> {
-        if l.local_tls == LocalTlsMode::None {
-            return Ok(None);
+    /// Reads the certificate of every listener with local TLS; nothing is
+    /// put in use, so a reload can still give up.
+    pub fn load(config: &Config) -> Result<Loaded, TlsError> {
+        let mut loaded = Vec::new();
+        for l in config.listeners.iter().filter(|l| l.local_tls != LocalTlsMode::None) {
+            // Validation makes sure a TLS listener has a certificate somewhere.
+            let Some(files) = config.local_tls_files(l) else { continue };
+            loaded.push((l.name.clone(), l.local_tls_profile, ServerTls::load(l.local_tls_profile, files)?));
         }
-        // Validation makes sure a TLS listener has a certificate somewhere.
-        let Some(files) = config.local_tls_files(l) else { return Ok(None) };
-        let acceptor = Arc::new(RwLock::new(ServerTls::load(l.local_tls_profile, files)?));
-        self.slots.push(Slot { listener: l.name.clone(), profile: l.local_tls_profile, acceptor: acceptor.clone() });
-        Ok(Some(LocalTls { mode: l.local_tls, acceptor }))
+        Ok(Loaded(loaded))
     }
 
-    /// Reads every certificate again, from the files the re-read `config`
-    /// names for each listener (a listener it no longer has, or no longer
-    /// with TLS, keeps its certificate until the next start). Nothing
-    /// changes unless every one loads.
-    pub fn prepare(&self, config: &Config) -> Result<Fresh<'_>, TlsError> {
-        let mut fresh = Vec::new();
-        for slot in &self.slots {
-            let files =
-                config.listeners.iter().find(|l| l.name == slot.listener).and_then(|l| config.local_tls_files(l));
-            if let Some(files) = files {
-                fresh.push((slot, ServerTls::load(slot.profile, files)?));
+    /// The acceptors `loaded` goes into, beside the running ones.
+    pub fn stage(&self, loaded: Loaded) -> Staged {
+        let mut staged = Staged { slots: Vec::new(), pending: Vec::new() };
+        for (listener, profile, tls) in loaded.0 {
+            match self.slots.iter().find(|s| s.listener == listener && s.profile == profile) {
+                Some(slot) => {
+                    staged.pending.push((slot.acceptor.clone(), tls));
+                    staged.slots.push(slot.clone());
+                }
+                None => staged.slots.push(Slot { listener, profile, acceptor: Arc::new(RwLock::new(tls)) }),
             }
         }
-        Ok(Fresh(fresh))
+        staged
     }
 }
 
-impl Fresh<'_> {
-    /// Puts the re-read certificates in use; handshakes already running
-    /// finish with the old ones. How many were replaced.
-    pub fn apply(self) -> usize {
-        let count = self.0.len();
-        for (slot, acceptor) in self.0 {
-            *slot.acceptor.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
+impl Staged {
+    /// The local TLS of listener `l`, if it has local TLS.
+    pub fn for_listener(&self, l: &ListenerConfig) -> Option<LocalTls> {
+        if l.local_tls == LocalTlsMode::None {
+            return None;
         }
-        count
+        let slot = self.slots.iter().find(|s| s.listener == l.name)?;
+        Some(LocalTls { mode: l.local_tls, acceptor: slot.acceptor.clone() })
+    }
+
+    /// Puts the re-read certificates in use (handshakes already running
+    /// finish with the old ones); cannot fail. The certificates now, and how
+    /// many running acceptors took a re-read certificate.
+    pub fn commit(self) -> (Certificates, usize) {
+        let count = self.pending.len();
+        for (acceptor, tls) in self.pending {
+            *acceptor.write().unwrap_or_else(|e| e.into_inner()) = tls;
+        }
+        (Certificates { slots: self.slots }, count)
     }
 }

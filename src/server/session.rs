@@ -8,6 +8,7 @@ use super::stream::ClientStream;
 use super::ListenerCtx;
 use crate::accounts::AuthError;
 use crate::config::LocalTls as LocalTlsMode;
+use crate::metrics::{LoginResult as Counted, Phase, PhaseGuard};
 use crate::protocol::{Failure, LoginRequest, Next, PreAuth, SessionOptions, Spec, Xoauth2User};
 use crate::sasl::xoauth2;
 use crate::splice::{splice, SpliceEnd};
@@ -71,6 +72,7 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
     );
     async move {
         debug!("connection accepted");
+        let phase = ctx.metrics.session();
         // Absolute, whatever the client does: a slow client cannot hold its
         // connection (and its place under the per-address cap) for longer.
         let deadline = Instant::now() + ctx.config.limits.login_deadline;
@@ -80,6 +82,7 @@ pub(crate) async fn run<P: Spec>(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: So
             None => return,
         };
         Session::<P> {
+            phase,
             ctx: &ctx,
             peer,
             stream,
@@ -165,6 +168,8 @@ async fn start_tls(ctx: &ListenerCtx, tcp: TcpStream, deadline: Instant) -> Opti
 }
 
 struct Session<'a, P: Spec> {
+    /// Counts the session in the metrics' phase gauge.
+    phase: PhaseGuard,
     ctx: &'a ListenerCtx,
     peer: SocketAddr,
     stream: ClientStream,
@@ -349,6 +354,7 @@ impl<P: Spec> Session<'_, P> {
                     if !self.flush().await {
                         return;
                     }
+                    self.phase.enter(Phase::Authenticating);
                     let result = {
                         let login = Login::<P> {
                             ctx: self.ctx,
@@ -375,6 +381,7 @@ impl<P: Spec> Session<'_, P> {
                     };
                     match result {
                         Ok(logged_in) => {
+                            self.phase.enter(Phase::Spliced);
                             machine.auth_succeeded(&logged_in.upstream.success, &mut self.out);
                             if !self.flush().await {
                                 return;
@@ -383,6 +390,10 @@ impl<P: Spec> Session<'_, P> {
                             return;
                         }
                         Err(failure) => {
+                            self.phase.enter(Phase::PreAuth);
+                            if matches!(failure, Failure::Timeout | Failure::ShuttingDown) {
+                                self.ctx.metrics.login(Counted::Limit);
+                            }
                             if failure == Failure::Timeout {
                                 info!(reason = "login deadline", "closing the connection before login");
                             }
@@ -415,6 +426,7 @@ impl<P: Spec> Session<'_, P> {
         .await;
         // The mailbox's upstream session is over: its place is free again.
         drop(slot);
+        self.ctx.metrics.spliced(&stats);
         let end = match &stats.end {
             SpliceEnd::Closed => "closed".to_string(),
             SpliceEnd::IdleTimeout => "idle timeout".to_string(),
@@ -492,6 +504,7 @@ impl<P: Spec> Login<'_, P> {
                 warn!(
                     "password verification is overloaded (queue full or too slow); answering with a temporary failure"
                 );
+                self.ctx.metrics.login(Counted::Limit);
                 return Err(Failure::Temporary);
             }
             Err(e) => {
@@ -508,6 +521,7 @@ impl<P: Spec> Login<'_, P> {
                     _ = tokio::time::sleep(delay) => {}
                     _ = self.signals.drain.cancelled() => {}
                 }
+                self.ctx.metrics.login(Counted::BadCredentials);
                 return Err(Failure::AuthFailed);
             }
         };
@@ -518,6 +532,9 @@ impl<P: Spec> Login<'_, P> {
         let cap = limits.max_sessions_per_mailbox;
         let slot = match shared.mailboxes.acquire(P::PROTOCOL, &account.mailbox, cap, limits.session_wait).await {
             Ok((slot, waited)) => {
+                if !waited.is_zero() {
+                    self.ctx.metrics.mailbox_slot_waited(waited);
+                }
                 if waited >= Duration::from_secs(1) {
                     info!(
                         waited_ms = waited.as_millis() as u64,
@@ -532,6 +549,8 @@ impl<P: Spec> Login<'_, P> {
                     waited_ms = limits.session_wait.as_millis() as u64,
                     "refused: the mailbox kept max_sessions_per_mailbox upstream sessions for the whole session_wait"
                 );
+                self.ctx.metrics.mailbox_slot_waited(limits.session_wait);
+                self.ctx.metrics.login(Counted::Limit);
                 return Err(Failure::MailboxBusy);
             }
         };
@@ -546,6 +565,7 @@ impl<P: Spec> Login<'_, P> {
                 Ok(token) => token,
                 Err(e) => {
                     error!(identity = %account.identity, error = %e, "cannot obtain an access token");
+                    self.ctx.metrics.login(Counted::TokenUnavailable);
                     return Err(if e.requires_reauthorization() { Failure::AuthFailed } else { Failure::Temporary });
                 }
             };
@@ -555,8 +575,9 @@ impl<P: Spec> Login<'_, P> {
                 client_name: request.client_name.clone(),
                 known_caps: caps.clone(),
             };
-            match self.ctx.upstream.login::<P::Client>(login).await {
+            match self.ctx.metrics.timed(self.ctx.upstream.login::<P::Client>(login)).await {
                 Ok(upstream) => {
+                    self.ctx.metrics.login(Counted::Ok);
                     info!(upstream = %self.ctx.upstream.addr, xoauth2.user = %user, "logged in: plain login accepted locally, XOAUTH2 accepted upstream");
                     return Ok(LoggedIn { upstream, slot });
                 }
@@ -567,6 +588,7 @@ impl<P: Spec> Login<'_, P> {
                 }
                 Err(LoginError::Rejected(reason)) => {
                     error!(%reason, "upstream refused a fresh access token too; check the app's permissions for this mailbox");
+                    self.ctx.metrics.login(Counted::UpstreamRefused);
                     return Err(Failure::AuthFailed);
                 }
                 Err(LoginError::Temporary(reason)) => {
@@ -576,11 +598,17 @@ impl<P: Spec> Login<'_, P> {
                     } else {
                         warn!(%reason, "upstream answered with a temporary failure");
                     }
+                    self.ctx.metrics.login(Counted::Throttled);
                     return Err(Failure::Temporary);
                 }
                 Err(LoginError::Unavailable(e)) => {
                     let failure = unavailable(&e);
                     error!(upstream = %self.ctx.upstream.addr, error = %e, "{}", failure.as_str());
+                    self.ctx.metrics.login(if failure == Failure::Unavailable {
+                        Counted::UpstreamUnavailable
+                    } else {
+                        Counted::Limit
+                    });
                     return Err(failure);
                 }
             }

@@ -1,14 +1,15 @@
 //! The token cache: one slot per [`TokenKey`], single-flight requests,
 //! refresh in the background before a token gets too old to hand out,
 //! jittered exponential backoff while the endpoint fails, and the still-valid
-//! token served meanwhile.
+//! token served meanwhile. Identities can be replaced while running (a
+//! reload): see [`TokenManager::apply`].
 
 use super::{AccessToken, TokenError, TokenKey, TokenSource};
 use dashmap::DashMap;
 use rand::RngExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -18,13 +19,24 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 struct IdentityEntry {
-    source: Arc<dyn TokenSource>,
+    /// Replaced in place when only what surrounds the identity changes (its
+    /// CA roots, the token store, the re-authorisation hook): cached tokens stay.
+    source: RwLock<Arc<dyn TokenSource>>,
     min_lifetime: Duration,
     /// Tokens are per account (refresh tokens), not per identity.
     delegated: bool,
+    /// Digests of the identity's own settings and of its surroundings, to
+    /// tell at a reload what changed (see [`IdentityPlan`]).
+    settings: Vec<u8>,
+    environment: Vec<u8>,
+    metrics: Option<crate::metrics::TokenMetrics>,
 }
 
 impl IdentityEntry {
+    fn source(&self) -> Arc<dyn TokenSource> {
+        self.source.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Below this much life left, a token is not handed out when a new one can be had.
     fn threshold(&self, token: &AccessToken) -> Duration {
         self.min_lifetime.min(token.lifetime() / 2)
@@ -118,7 +130,11 @@ fn backoff(failures: u32) -> Duration {
 /// Makes one request for `key` and records the outcome in `slot`. The caller
 /// holds `slot.fetching`.
 async fn fetch_into(key: &TokenKey, slot: &Slot, entry: &IdentityEntry) -> Result<AccessToken, TokenError> {
-    match entry.source.fetch(key.account.as_deref()).await {
+    let fetched = entry.source().fetch(key.account.as_deref()).await;
+    if let Some(metrics) = &entry.metrics {
+        metrics.request(fetched.as_ref().map(|_| ()));
+    }
+    match fetched {
         Ok(fresh) => {
             let token = AccessToken::new(fresh.access_token, fresh.expires_in);
             tracing::info!(token.key = %key, expires_in = ?fresh.expires_in, "obtained an access token");
@@ -147,17 +163,43 @@ async fn fetch_into(key: &TokenKey, slot: &Slot, entry: &IdentityEntry) -> Resul
 }
 
 struct Inner {
-    identities: HashMap<String, Arc<IdentityEntry>>,
+    identities: RwLock<HashMap<String, Arc<IdentityEntry>>>,
     slots: DashMap<TokenKey, Arc<Slot>>,
-    refreshers: Mutex<Vec<AbortHandle>>,
+    /// By key, so the refreshers of a replaced identity can be stopped.
+    refreshers: Mutex<HashMap<TokenKey, AbortHandle>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for task in self.refreshers.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for (_, task) in self.refreshers.get_mut().unwrap_or_else(|e| e.into_inner()).drain() {
             task.abort();
         }
     }
+}
+
+/// What a reload wants for one identity: its settings' digests and, when
+/// they differ from the running entry's, a source built for them.
+pub struct IdentityPlan {
+    pub name: String,
+    pub settings: Vec<u8>,
+    pub environment: Vec<u8>,
+    pub min_lifetime: Duration,
+    pub delegated: bool,
+    /// `None`: keep the running entry's source (nothing it depends on changed).
+    pub source: Option<Arc<dyn TokenSource>>,
+}
+
+/// What [`TokenManager::apply`] did, by identity name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub added: Vec<String>,
+    /// Its own settings changed: a new source, its cached tokens dropped.
+    pub replaced: Vec<String>,
+    /// Only its surroundings changed: a new source, its tokens kept.
+    pub rewired: Vec<String>,
+    pub kept: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 /// Hands out access tokens; cheap to clone.
@@ -169,6 +211,7 @@ pub struct TokenManager {
 #[derive(Default)]
 pub struct TokenManagerBuilder {
     identities: HashMap<String, Arc<IdentityEntry>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl TokenManagerBuilder {
@@ -183,16 +226,46 @@ impl TokenManagerBuilder {
         min_lifetime: Duration,
         delegated: bool,
     ) -> &mut Self {
-        self.identities.insert(identity.to_string(), Arc::new(IdentityEntry { source, min_lifetime, delegated }));
+        let entry = IdentityEntry {
+            source: RwLock::new(source),
+            min_lifetime,
+            delegated,
+            settings: Vec::new(),
+            environment: Vec::new(),
+            metrics: None,
+        };
+        self.identities.insert(identity.to_string(), Arc::new(entry));
+        self
+    }
+
+    /// Counts token requests per identity in `metrics`.
+    pub fn metrics(&mut self, metrics: Arc<crate::metrics::Metrics>) -> &mut Self {
+        self.metrics = Some(metrics);
         self
     }
 
     pub fn build(&mut self) -> TokenManager {
+        let metrics = self.metrics.take();
+        let identities = std::mem::take(&mut self.identities)
+            .into_iter()
+            .map(|(name, entry)| {
+                let entry = match (&metrics, Arc::try_unwrap(entry)) {
+                    (Some(m), Ok(mut e)) => {
+                        e.metrics = Some(m.identity(&name));
+                        Arc::new(e)
+                    }
+                    (_, Ok(e)) => Arc::new(e),
+                    (_, Err(shared)) => shared,
+                };
+                (name, entry)
+            })
+            .collect();
         TokenManager {
             inner: Arc::new(Inner {
-                identities: std::mem::take(&mut self.identities),
+                identities: RwLock::new(identities),
                 slots: DashMap::new(),
-                refreshers: Mutex::new(Vec::new()),
+                refreshers: Mutex::new(HashMap::new()),
+                metrics,
             }),
         }
     }
@@ -203,10 +276,86 @@ impl TokenManager {
         TokenManagerBuilder::default()
     }
 
+    fn entry(&self, identity: &str) -> Option<Arc<IdentityEntry>> {
+        self.inner.identities.read().unwrap_or_else(|e| e.into_inner()).get(identity).cloned()
+    }
+
     /// The cache key for an account of `identity`.
     pub fn key_for(&self, identity: &str, account: &str) -> TokenKey {
-        let delegated = self.inner.identities.get(identity).is_some_and(|e| e.delegated);
+        let delegated = self.entry(identity).is_some_and(|e| e.delegated);
         TokenKey { identity: identity.into(), account: delegated.then(|| account.into()) }
+    }
+
+    /// The digests of a running identity's settings and surroundings.
+    pub fn digests(&self, identity: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.entry(identity).map(|e| (e.settings.clone(), e.environment.clone()))
+    }
+
+    /// Makes the identities those of `plans`, in place: an identity whose
+    /// settings are unchanged keeps its cached tokens (and, if nothing
+    /// around it changed either, its source); one whose settings changed
+    /// starts afresh (its tokens dropped, its background refreshes stopped);
+    /// identities not in `plans` are removed. Logins already waiting for a
+    /// token finish with the entry they started with.
+    pub fn apply(&self, plans: Vec<IdentityPlan>) -> Applied {
+        let mut applied = Applied::default();
+        let mut fresh = HashMap::new();
+        let mut identities = self.inner.identities.write().unwrap_or_else(|e| e.into_inner());
+        for plan in plans {
+            let current = identities.get(&plan.name).cloned();
+            let same = current.as_ref().filter(|e| e.settings == plan.settings && e.delegated == plan.delegated);
+            let entry = match (same, plan.source) {
+                (Some(entry), None) => {
+                    applied.kept.push(plan.name.clone());
+                    entry.clone()
+                }
+                (Some(entry), Some(source)) => {
+                    *entry.source.write().unwrap_or_else(|e| e.into_inner()) = source;
+                    applied.rewired.push(plan.name.clone());
+                    entry.clone()
+                }
+                (None, source) => {
+                    let source = match (source, &current) {
+                        (Some(s), _) => s,
+                        // A plan always brings a source for new or changed settings;
+                        // without one the old source is the only one there is.
+                        (None, Some(old)) => old.source(),
+                        (None, None) => continue,
+                    };
+                    if current.is_some() {
+                        applied.replaced.push(plan.name.clone());
+                    } else {
+                        applied.added.push(plan.name.clone());
+                    }
+                    Arc::new(IdentityEntry {
+                        source: RwLock::new(source),
+                        min_lifetime: plan.min_lifetime,
+                        delegated: plan.delegated,
+                        settings: plan.settings,
+                        environment: plan.environment,
+                        metrics: self.inner.metrics.as_ref().map(|m| m.identity(&plan.name)),
+                    })
+                }
+            };
+            fresh.insert(plan.name, entry);
+        }
+        applied.removed = identities.keys().filter(|name| !fresh.contains_key(*name)).cloned().collect();
+        applied.removed.sort();
+        let dropped: Vec<&String> = applied.replaced.iter().chain(&applied.removed).collect();
+        *identities = fresh;
+        drop(identities);
+        if !dropped.is_empty() {
+            self.inner.slots.retain(|key, _| !dropped.iter().any(|name| **name == *key.identity));
+            let mut refreshers = self.inner.refreshers.lock().unwrap_or_else(|e| e.into_inner());
+            refreshers.retain(|key, task| {
+                let stop = dropped.iter().any(|name| **name == *key.identity);
+                if stop {
+                    task.abort();
+                }
+                !stop
+            });
+        }
+        applied
     }
 
     fn slot(&self, key: &TokenKey) -> Arc<Slot> {
@@ -220,12 +369,7 @@ impl TokenManager {
     /// request at a time per key); while the endpoint fails, hands out the
     /// cached token as long as it is still comfortably valid.
     pub async fn get(&self, key: &TokenKey) -> Result<AccessToken, TokenError> {
-        let entry = self
-            .inner
-            .identities
-            .get(&*key.identity)
-            .cloned()
-            .ok_or_else(|| TokenError::UnknownIdentity(key.identity.to_string()))?;
+        let entry = self.entry(&key.identity).ok_or_else(|| TokenError::UnknownIdentity(key.identity.to_string()))?;
         let slot = self.slot(key);
         if let Some(token) = slot.usable(&entry) {
             return Ok(token);
@@ -267,6 +411,54 @@ impl TokenManager {
             .count()
     }
 
+    /// The time left of every cached token, by identity and account (`""`
+    /// for app-only identities), for the metrics.
+    pub fn lifetimes(&self) -> Vec<(String, String, Duration)> {
+        let mut out: Vec<_> = self
+            .inner
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let remaining = slot.state().current.as_ref()?.remaining();
+                let key = slot.key();
+                Some((key.identity.to_string(), key.account.as_deref().unwrap_or("").to_string(), remaining))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whether every identity holds a usable token or can get one: its
+    /// last request did not fail, or a token it holds can still serve. An
+    /// identity no login has needed yet counts as able (its first login
+    /// asks for its token). The error names the identity (and account) and
+    /// the endpoint's last error, in one line.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut failing: Vec<(TokenKey, String)> = self
+            .inner
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                if slot.fallback().is_some() {
+                    return None;
+                }
+                let error = slot.state().last_error.as_ref()?.to_string();
+                Some((slot.key().clone(), error))
+            })
+            .collect();
+        failing.sort_by_key(|a| a.0.to_string());
+        let Some((key, error)) = failing.first() else { return Ok(()) };
+        let who = match &key.account {
+            Some(account) => format!("identity {} account {account}", key.identity),
+            None => format!("identity {}", key.identity),
+        };
+        let more = match failing.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        Err(format!("{who}: token endpoint failing: {}{more}", error.replace(['\n', '\r'], " ")))
+    }
+
     /// Forgets `token` if it is still the cached one for `key`: the upstream
     /// refused it, so the next [`get`](Self::get) must fetch a new one.
     pub fn invalidate(&self, key: &TokenKey, token: &AccessToken) {
@@ -277,45 +469,57 @@ impl TokenManager {
                 state.retry_at = None;
             }
             drop(state);
-            if let Some(entry) = self.inner.identities.get(&*key.identity) {
-                entry.source.refused(key.account.as_deref(), token.expose());
+            if let Some(entry) = self.entry(&key.identity) {
+                entry.source().refused(key.account.as_deref(), token.expose());
             }
         }
     }
 
     /// Keeps `key`'s token fresh from now on, whether or not clients ask.
     fn start_refresher(&self, key: &TokenKey, slot: &Arc<Slot>, entry: &Arc<IdentityEntry>) {
+        // A login that started before a reload replaced its identity holds a
+        // slot that is no longer the key's: nothing refreshes that one.
+        if !self.inner.slots.get(key).is_some_and(|current| Arc::ptr_eq(&current, slot)) {
+            return;
+        }
         if slot.refresher.swap(true, Ordering::SeqCst) {
             return;
         }
         let (key, slot, entry) = (key.clone(), slot.clone(), entry.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let wake = {
-                    let state = slot.state();
-                    match (state.retry_at, &state.current) {
-                        (Some(at), _) => at,
-                        (None, Some(token)) => entry.refresh_at(token),
-                        (None, None) => Instant::now(),
+        let (task_key, task) = (
+            key.clone(),
+            tokio::spawn(async move {
+                loop {
+                    let wake = {
+                        let state = slot.state();
+                        match (state.retry_at, &state.current) {
+                            (Some(at), _) => at,
+                            (None, Some(token)) => entry.refresh_at(token),
+                            (None, None) => Instant::now(),
+                        }
+                    };
+                    tokio::time::sleep_until(wake).await;
+                    let _in_flight = slot.fetching.lock().await;
+                    let due = {
+                        let state = slot.state();
+                        let now = Instant::now();
+                        match (state.retry_at, &state.current) {
+                            (Some(at), _) => now >= at,
+                            (None, Some(token)) => now >= entry.refresh_at(token),
+                            (None, None) => true,
+                        }
+                    };
+                    if due {
+                        let _ = fetch_into(&key, &slot, &entry).await;
                     }
-                };
-                tokio::time::sleep_until(wake).await;
-                let _in_flight = slot.fetching.lock().await;
-                let due = {
-                    let state = slot.state();
-                    let now = Instant::now();
-                    match (state.retry_at, &state.current) {
-                        (Some(at), _) => now >= at,
-                        (None, Some(token)) => now >= entry.refresh_at(token),
-                        (None, None) => true,
-                    }
-                };
-                if due {
-                    let _ = fetch_into(&key, &slot, &entry).await;
                 }
-            }
-        });
-        self.inner.refreshers.lock().unwrap_or_else(|e| e.into_inner()).push(task.abort_handle());
+            }),
+        );
+        if let Some(old) =
+            self.inner.refreshers.lock().unwrap_or_else(|e| e.into_inner()).insert(task_key, task.abort_handle())
+        {
+            old.abort();
+        }
     }
 
     /// Obtains tokens for `keys` now, in the background, so their refresh
@@ -325,14 +529,20 @@ impl TokenManager {
     /// The refresh keeps trying even when the first attempt fails, so an
     /// account that is signed in with `login` while the proxy runs is picked
     /// up within a minute, without waiting for a client.
+    ///
+    /// Keys that already have a slot (asked for before, e.g. before a
+    /// reload) are left as they are.
     pub fn warm_up(&self, keys: Vec<TokenKey>) {
         for key in keys {
+            if self.inner.slots.contains_key(&key) {
+                continue;
+            }
             let manager = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = manager.get(&key).await {
                     tracing::warn!(token.key = %key, error = %e, "no access token at start");
                 }
-                if let Some(entry) = manager.inner.identities.get(&*key.identity).cloned() {
+                if let Some(entry) = manager.entry(&key.identity) {
                     let slot = manager.slot(&key);
                     manager.start_refresher(&key, &slot, &entry);
                 }
@@ -552,5 +762,90 @@ mod tests {
         assert_eq!(m.get(&key).await.unwrap().expose(), "token-2");
         assert_eq!(calls(&source), 2);
         assert!(matches!(m.get(&TokenKey::app("other")).await, Err(TokenError::UnknownIdentity(_))));
+    }
+
+    fn plan(name: &str, settings: &[u8], environment: &[u8], source: Option<Arc<Scripted>>) -> IdentityPlan {
+        IdentityPlan {
+            name: name.into(),
+            settings: settings.to_vec(),
+            environment: environment.to_vec(),
+            min_lifetime: Duration::from_secs(600),
+            delegated: false,
+            source: source.map(|s| s as Arc<dyn TokenSource>),
+        }
+    }
+
+    fn scripted() -> Arc<Scripted> {
+        Arc::new(Scripted {
+            calls: AtomicUsize::new(0),
+            lifetime: Duration::from_secs(3600),
+            delay: Duration::ZERO,
+            down: AtomicBool::new(false),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn apply_keeps_rewires_replaces_and_removes_identities() {
+        let m = TokenManager::builder().build();
+        let (a, b, c) = (scripted(), scripted(), scripted());
+        let applied = m.apply(vec![plan("a", b"1", b"x", Some(a.clone())), plan("b", b"1", b"x", Some(b.clone()))]);
+        assert_eq!(applied.added, ["a", "b"]);
+        let (ka, kb) = (TokenKey::app("a"), TokenKey::app("b"));
+        assert_eq!(m.get(&ka).await.unwrap().expose(), "token-1");
+        assert_eq!(m.get(&kb).await.unwrap().expose(), "token-1");
+        // a: only its surroundings change (new source, token kept); b: its
+        // settings change (new source, token dropped); c: new.
+        let (a2, b2) = (scripted(), scripted());
+        let applied = m.apply(vec![
+            plan("a", b"1", b"y", Some(a2.clone())),
+            plan("b", b"2", b"x", Some(b2.clone())),
+            plan("c", b"1", b"x", Some(c.clone())),
+        ]);
+        assert_eq!(
+            applied,
+            Applied {
+                added: vec!["c".into()],
+                replaced: vec!["b".into()],
+                rewired: vec!["a".into()],
+                kept: vec![],
+                removed: vec![]
+            }
+        );
+        assert_eq!(m.get(&ka).await.unwrap().expose(), "token-1", "a keeps its token");
+        assert_eq!(calls(&a2), 0);
+        assert_eq!(m.get(&kb).await.unwrap().expose(), "token-1", "b's new source issued it");
+        assert_eq!((calls(&b), calls(&b2)), (1, 1));
+        // The background refresh of a uses its new source.
+        tokio::time::sleep(Duration::from_secs(3600 - 600)).await;
+        assert_eq!((calls(&a), calls(&a2)), (1, 1));
+        // Unchanged: kept as is; absent: removed.
+        let applied = m.apply(vec![plan("a", b"1", b"y", None)]);
+        assert_eq!((applied.kept, applied.removed), (vec!["a".to_string()], vec!["b".to_string(), "c".to_string()]));
+        assert!(matches!(m.get(&kb).await, Err(TokenError::UnknownIdentity(_))));
+        assert_eq!(m.lifetimes().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_names_the_identity_whose_last_request_failed() {
+        let (m, source) = manager(Duration::from_secs(60), Duration::ZERO, true);
+        assert_eq!(m.readiness(), Ok(()), "nothing asked yet");
+        m.get(&m.key_for("contoso", "alice")).await.unwrap();
+        assert_eq!(m.readiness(), Ok(()));
+        source.down.store(true, Ordering::SeqCst);
+        // While the token is usable, a failing refresh does not matter.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(m.readiness(), Ok(()));
+        assert!(m.get(&m.key_for("contoso", "bob")).await.is_err());
+        assert_eq!(
+            m.readiness(),
+            Err("identity contoso account bob: token endpoint failing: token endpoint unreachable: down".into())
+        );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let both = m.readiness().unwrap_err();
+        assert!(both.starts_with("identity contoso account alice: ") && both.ends_with(" (and 1 more)"), "{both}");
+        source.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(MAX_BACKOFF + MAX_BACKOFF / 5).await;
+        m.get(&m.key_for("contoso", "bob")).await.unwrap();
+        assert_eq!(m.readiness(), Ok(()), "alice's refresher and bob's login both recovered");
     }
 }

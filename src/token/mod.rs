@@ -12,7 +12,7 @@ pub mod provider;
 pub mod shared;
 pub mod store;
 
-pub use cache::TokenManager;
+pub use cache::{Applied, IdentityPlan, TokenManager};
 pub use entra::EntraError;
 
 use crate::secret::Secret;
@@ -210,21 +210,221 @@ pub fn manager_for(config: &crate::config::Config, tls: Arc<rustls::ClientConfig
 /// The token manager over a prepared context: with shared state, every
 /// source is wrapped so that the replicas make one request between them.
 pub fn manager_with(config: &crate::config::Config, ctx: provider::SourceContext) -> Result<TokenManager, TokenError> {
+    manager_counted(config, ctx, None)
+}
+
+/// [`manager_with`], its token requests counted in `metrics` if given.
+pub fn manager_counted(
+    config: &crate::config::Config,
+    ctx: provider::SourceContext,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) -> Result<TokenManager, TokenError> {
     let mut builder = TokenManager::builder();
-    for identity in config.identities.values() {
-        let source = provider::source_for(identity, &ctx)?;
-        let delegated = matches!(source, provider::Source::Delegated(_));
-        let source = match &ctx.shared {
-            Some(shared) => Arc::new(shared::SharedSource::new(
-                source.as_dyn(),
-                &identity.name,
-                delegated,
-                identity.min_token_lifetime,
-                shared.clone(),
-            )) as Arc<dyn TokenSource>,
-            None => source.as_dyn(),
-        };
-        builder.add_identity(&identity.name, source, identity.min_token_lifetime, delegated);
+    if let Some(metrics) = metrics {
+        builder.metrics(metrics);
     }
-    Ok(builder.build())
+    let manager = builder.build();
+    manager.apply(plans(config, Some(&ctx), ctx.shared.is_some(), &manager)?);
+    Ok(manager)
+}
+
+/// One identity's source over `ctx`: with shared state, wrapped so that the
+/// replicas make one request between them (as at start, so on a reload too).
+fn source_with(
+    identity: &crate::config::IdentityConfig,
+    ctx: &provider::SourceContext,
+) -> Result<Arc<dyn TokenSource>, TokenError> {
+    let source = provider::source_for(identity, ctx)?;
+    let delegated = matches!(source, provider::Source::Delegated(_));
+    Ok(match &ctx.shared {
+        Some(shared) => Arc::new(shared::SharedSource::new(
+            source.as_dyn(),
+            &identity.name,
+            delegated,
+            identity.min_token_lifetime,
+            shared.clone(),
+        )) as Arc<dyn TokenSource>,
+        None => source.as_dyn(),
+    })
+}
+
+/// What `config` wants of each identity, compared with what `running` has:
+/// a source is built only where the identity's settings or what surrounds
+/// it (CA roots, token store, re-authorisation hook) changed, through the
+/// shared context (`state`, the connection the process started with) like
+/// the first ones. Fails, before anything is replaced, if a source cannot
+/// be built.
+pub fn plan_for(
+    config: &crate::config::Config,
+    tls: Arc<rustls::ClientConfig>,
+    state: Option<Arc<crate::state::SharedState>>,
+    running: &TokenManager,
+) -> Result<Vec<cache::IdentityPlan>, TokenError> {
+    let unchanged = config.identities.values().all(|identity| {
+        running.digests(&identity.name)
+            == Some((settings_digest(identity), environment_digest(config, identity, state.is_some())))
+    });
+    // Opening the token store reads its key: only when a source is built.
+    let ctx = match unchanged {
+        true => None,
+        false => Some(shared_context_for(config, tls, state.clone())?),
+    };
+    plans(config, ctx.as_ref(), state.is_some(), running)
+}
+
+fn plans(
+    config: &crate::config::Config,
+    ctx: Option<&provider::SourceContext>,
+    shared: bool,
+    running: &TokenManager,
+) -> Result<Vec<cache::IdentityPlan>, TokenError> {
+    let mut plans = Vec::new();
+    for identity in config.identities.values() {
+        let (settings, environment) = (settings_digest(identity), environment_digest(config, identity, shared));
+        let unchanged = running.digests(&identity.name) == Some((settings.clone(), environment.clone()));
+        let source = match (ctx, unchanged) {
+            (Some(ctx), false) => Some(source_with(identity, ctx)?),
+            _ => None,
+        };
+        plans.push(cache::IdentityPlan {
+            name: identity.name.clone(),
+            settings,
+            environment,
+            min_lifetime: identity.min_token_lifetime,
+            delegated: identity.flow == crate::config::Flow::RefreshToken,
+            source,
+        });
+    }
+    Ok(plans)
+}
+
+/// A digest of what decides an identity's tokens: endpoint, client, flow,
+/// scope, lifetimes and the credential (a secret's value, a secret file's
+/// name, a certificate's files and their contents). Two equal digests mean
+/// the cached tokens still fit.
+fn settings_digest(identity: &crate::config::IdentityConfig) -> Vec<u8> {
+    use crate::config::ClientCredential;
+    let mut d = Digest::new();
+    d.field(identity.token_url.as_bytes())
+        .field(identity.device_code_url.as_bytes())
+        .field(identity.client_id.as_bytes())
+        .field(identity.flow.as_str().as_bytes())
+        .field(identity.scope.as_bytes())
+        .field(&identity.min_token_lifetime.as_millis().to_le_bytes())
+        .field(&identity.token_timeout.as_millis().to_le_bytes());
+    match &identity.credential {
+        ClientCredential::Secret(secret) => d.field(b"secret").field(secret.expose().as_bytes()),
+        ClientCredential::SecretFile(path) => d.field(b"secret_file").field(path.as_os_str().as_encoded_bytes()),
+        ClientCredential::Certificate { cert_file, key_file, algorithm } => {
+            d.field(b"certificate").file(cert_file).file(key_file).field(format!("{algorithm:?}").as_bytes())
+        }
+        ClientCredential::None => d.field(b"public"),
+    };
+    d.finish()
+}
+
+/// A digest of what an identity's source depends on besides its own
+/// settings: the trust roots for the token endpoint, the token store and
+/// the re-authorisation hook (for delegated identities), the config's path
+/// (it is in the `login` command the hook is given).
+fn environment_digest(
+    config: &crate::config::Config,
+    identity: &crate::config::IdentityConfig,
+    shared: bool,
+) -> Vec<u8> {
+    let mut d = Digest::new();
+    match &config.upstream_ca_file {
+        Some(path) => d.file(path),
+        None => d.field(b"public roots"),
+    };
+    // With shared state every source seals its tokens with the store's key.
+    d.field(if shared { b"shared" } else { b"local" });
+    if identity.flow == crate::config::Flow::RefreshToken || shared {
+        match &config.token_store {
+            Some(store) => {
+                d.field(store.path.as_os_str().as_encoded_bytes());
+                match &store.key {
+                    crate::config::TokenStoreKey::File(path) => d.field(path.as_os_str().as_encoded_bytes()),
+                    crate::config::TokenStoreKey::Inline(key) => d.field(key.expose().as_bytes()),
+                };
+            }
+            None => {
+                d.field(b"no store");
+            }
+        }
+        d.field(config.on_reauth_required.as_deref().unwrap_or("").as_bytes())
+            .field(config.source.as_os_str().as_encoded_bytes());
+    }
+    d.finish()
+}
+
+/// SHA-256 over length-prefixed fields, so no two field lists collide.
+struct Digest(ring::digest::Context);
+
+impl Digest {
+    fn new() -> Self {
+        Digest(ring::digest::Context::new(&ring::digest::SHA256))
+    }
+
+    fn field(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+
+    /// A file's name and contents (a file that cannot be read counts by its
+    /// error: building the source reports it).
+    fn file(&mut self, path: &std::path::Path) -> &mut Self {
+        self.field(path.as_os_str().as_encoded_bytes());
+        match std::fs::read(path) {
+            Ok(bytes) => self.field(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()),
+            Err(e) => self.field(e.to_string().as_bytes()),
+        }
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        self.0.clone().finish().as_ref().to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ProcessEnv};
+    use std::path::Path;
+
+    fn identity(extra: &str) -> Config {
+        let text = format!(
+            "listeners: [{{ name: l, protocol: imap, bind: \"127.0.0.1:0\", upstream: \"x:993\" }}]\n\
+             identities:\n  contoso:\n    tenant: t1\n    client_id: c1\n{extra}"
+        );
+        Config::parse(&text, Path::new("/etc/xoauth2-proxy/config.yaml"), &ProcessEnv).unwrap()
+    }
+
+    fn digest(extra: &str) -> (Vec<u8>, Vec<u8>) {
+        let config = identity(extra);
+        let id = &config.identities["contoso"];
+        (settings_digest(id), environment_digest(&config, id, false))
+    }
+
+    #[test]
+    fn a_digest_changes_with_each_setting_that_decides_the_tokens() {
+        let base = digest("    client_secret: s1\n");
+        assert_eq!(base, digest("    client_secret: s1\n"));
+        for changed in [
+            "    client_secret: s2\n",
+            "    client_secret_file: /run/s1\n",
+            "    client_secret: s1\n    scope: https://outlook.office365.com/IMAP.AccessAsApp\n",
+            "    client_secret: s1\n    min_token_lifetime: 5m\n",
+            "    client_secret: s1\n    authority: https://login.example.com\n",
+        ] {
+            let (settings, environment) = digest(changed);
+            assert_ne!(settings, base.0, "{changed}");
+            assert_eq!(environment, base.1, "{changed}");
+        }
+        // The trust roots are the identity's surroundings, not its settings.
+        let (settings, environment) = digest("    client_secret: s1\nupstream_ca_file: /etc/ssl/extra.pem\n");
+        assert_eq!(settings, base.0);
+        assert_ne!(environment, base.1);
+    }
 }

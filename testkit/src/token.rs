@@ -187,6 +187,8 @@ pub struct State {
     /// Claims chosen by the test; `None`: by grant (app-only or delegated).
     shape: Mutex<Option<TokenShape>>,
     discovery_requests: AtomicUsize,
+    /// The client secret the app is registered with (a test may rotate it).
+    secret: Mutex<String>,
 }
 
 fn random_text(len: usize) -> String {
@@ -391,7 +393,7 @@ fn authenticate_client(
     if secret.is_empty() && public_allowed {
         return Ok(());
     }
-    if secret != CLIENT_SECRET {
+    if secret != *state.secret.lock().unwrap() {
         return Err(entra_error(401, "invalid_client", 7000215, "Invalid client secret provided."));
     }
     Ok(())
@@ -608,6 +610,7 @@ impl TokenServer {
             self_url: Mutex::new(format!("http://{addr}")),
             shape: Mutex::new(None),
             discovery_requests: AtomicUsize::new(0),
+            secret: Mutex::new(CLIENT_SECRET.to_string()),
         });
         let handler_state = state.clone();
         let handler: http::Handler = Arc::new(move |request| Box::pin(handle(handler_state.clone(), request)));
@@ -648,6 +651,13 @@ impl TokenServer {
     /// Discovery document requests (`check --online` makes one per identity).
     pub fn discovery_requests(&self) -> usize {
         self.state.discovery_requests.load(Ordering::SeqCst)
+    }
+
+    /// Registers a new client secret for the app, as an admin rotating it
+    /// in Entra does: from now on only `secret` is accepted (AADSTS7000215
+    /// for any other).
+    pub fn rotate_secret(&self, secret: &str) {
+        *self.state.secret.lock().unwrap() = secret.to_string();
     }
 
     pub fn set_lifetime(&self, lifetime: Duration) {

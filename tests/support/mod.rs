@@ -99,6 +99,12 @@ pub struct Harness {
     pub config_text: String,
     pub config_path: std::path::PathBuf,
     addrs: HashMap<String, SocketAddr>,
+    /// The admin listener, when the config has `admin:` (e.g. in `top_extra`).
+    pub admin: Option<SocketAddr>,
+    /// Applies a changed config to the running proxy, as SIGHUP does.
+    pub reloader: xoauth2_proxy::server::Reloader,
+    /// The environment `${VAR}`s in the config expand from.
+    pub env: HashMap<String, String>,
     shutdown: CancellationToken,
     proxy: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -195,6 +201,8 @@ log: {{ level: debug }}
         }
         let proxy = Proxy::bind(&config).await.unwrap();
         let addrs = proxy.local_addrs().into_iter().collect();
+        let admin = proxy.admin_addr();
+        let reloader = proxy.reloader();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move { proxy.run(stop.cancelled_owned()).await });
@@ -209,6 +217,9 @@ log: {{ level: debug }}
             config_text,
             config_path: path,
             addrs,
+            admin,
+            reloader,
+            env,
             shutdown,
             proxy: Some(task),
             _dir: dir,
@@ -242,22 +253,37 @@ log: {{ level: debug }}
         self.addrs[listener]
     }
 
+    /// Writes `text` as the config and applies it as SIGHUP would (the same
+    /// validation, preflight and reload); afterwards `addr` answers with the
+    /// listeners' addresses now. The error is the one line the log would hold.
+    pub async fn reload(&mut self, text: &str) -> Result<String, String> {
+        std::fs::write(&self.config_path, text).unwrap();
+        let config = Config::load_with_env(&self.config_path, &self.env)
+            .and_then(|c| xoauth2_proxy::preflight::check(&c).map(|()| c))
+            .map_err(|e| e.to_string().replace('\n', "; "))?;
+        let done = self.reloader.reload(config).await.map_err(|e| e.to_string())?;
+        self.addrs = self.reloader.local_addrs().into_iter().collect();
+        self.admin = self.reloader.admin_addr();
+        Ok(done)
+    }
+
     pub async fn connect(&self, listener: &str) -> TestClient<TcpStream> {
         TestClient::new(TcpStream::connect(self.addr(listener)).await.unwrap())
     }
 
     /// One login on a new connection to `listener` (SMTP AUTH PLAIN after
-    /// EHLO, IMAP LOGIN with a quoted password, POP3 USER/PASS); returns the
-    /// answer to the login.
+    /// EHLO, IMAP LOGIN with a quoted password, POP3 USER/PASS, by the
+    /// listener name's start); returns the answer to the login.
     pub async fn login_answer(&self, listener: &str, user: &str, pass: &str) -> String {
         let mut c = self.connect(listener).await;
         c.line().await;
+        // By the name's start: a listener a test adds (smtp2) speaks its protocol.
         match listener {
-            "smtp" => {
+            l if l.starts_with("smtp") => {
                 c.send(format!("EHLO x\r\nAUTH PLAIN {}\r\n", plain(user, pass))).await;
                 c.until("250 ").await;
             }
-            "imap" => {
+            l if l.starts_with("imap") => {
                 let quoted = pass.replace('\\', "\\\\").replace('"', "\\\"");
                 c.send(format!("a LOGIN {user} \"{quoted}\"\r\n")).await;
             }

@@ -9,8 +9,8 @@ mod state;
 
 use super::raw::{self, RawConfig};
 use super::{
-    Config, LogConfig, LoginThrottle, PasswordVerification, Problem, SessionCaps, TlsFiles, TokenStoreConfig,
-    TokenStoreKey, UpstreamAddr, DEFAULT_SESSION_WAIT, DEFAULT_SHUTDOWN_TIMEOUT,
+    AdminConfig, Config, LogConfig, LoginThrottle, PasswordVerification, Problem, SessionCaps, TlsFiles,
+    TokenStoreConfig, TokenStoreKey, UpstreamAddr, DEFAULT_SESSION_WAIT, DEFAULT_SHUTDOWN_TIMEOUT,
 };
 use crate::secret::Secret;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,7 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
     }
     let login_throttle = login_throttle(raw.login_throttle, &mut cx);
     let password_verification = password_verification(raw.password_verification, &mut cx);
+    let admin = raw.admin.and_then(|a| admin(a, &listeners, &mut cx));
     let state = raw.state.map(|s| state::validate(s, &identities, &mut cx));
     if state.is_some() {
         match &token_store {
@@ -92,6 +93,7 @@ pub(super) fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Con
         session_wait,
         login_throttle,
         password_verification,
+        admin,
         state,
         warnings: cx.warnings,
     })
@@ -169,6 +171,30 @@ fn password_verification(raw: Option<raw::RawPasswordVerification>, cx: &mut Ctx
         cx.add("password_verification.timeout", "must be longer than zero");
     }
     pool
+}
+
+/// The admin listener's address: an IP and port like a listener's, not one
+/// a listener uses. Off loopback it is allowed (a Kubernetes kubelet probes
+/// the pod's address) with a warning: anyone who reaches it reads the
+/// metrics, which name listeners, identities and usernames.
+fn admin(raw: raw::RawAdmin, listeners: &[super::ListenerConfig], cx: &mut Ctx) -> Option<AdminConfig> {
+    let text = raw.bind.as_deref().unwrap_or(AdminConfig::DEFAULT_BIND);
+    let Ok(bind) = text.parse::<std::net::SocketAddr>() else {
+        cx.add("admin.bind", format!("{text:?} is not an IP address and port, e.g. 127.0.0.1:9464 or [::1]:9464"));
+        return None;
+    };
+    if bind.port() != 0 {
+        if let Some(l) = listeners.iter().find(|l| l.bind == bind) {
+            cx.add("admin.bind", format!("{bind} is already used by listener {:?}", l.name));
+        }
+    }
+    if !bind.ip().is_loopback() {
+        cx.warnings.push(format!(
+            "admin.bind {bind} is not loopback: whoever reaches it reads /metrics (listener, identity and \
+             account names, counts); restrict it with a firewall or a network policy"
+        ));
+    }
+    Some(AdminConfig { bind })
 }
 
 fn list_or_none(items: &[&str]) -> String {
