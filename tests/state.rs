@@ -115,6 +115,21 @@ macro_rules! redis_or_skip {
 }
 
 #[tokio::test]
+async fn replaced_shared_tokens_leave_no_task_behind() {
+    let redis = redis_or_skip!();
+    let token = TokenServer::start().await;
+    let r = replica(&token, &redis.url(), "client_credentials").await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    // What a reload that rebuilds the identities does, five times over.
+    for _ in 0..5 {
+        drop(xoauth2_proxy::token::shared::SharedTokens::new(r.state.clone(), Arc::new(r.store())));
+    }
+    until("the replaced write-back tasks to end", Duration::from_secs(5), async || metrics.num_alive_tasks() <= before)
+        .await;
+}
+
+#[tokio::test]
 async fn concurrent_first_logins_on_three_replicas_make_one_token_request() {
     let redis = redis_or_skip!();
     let token = TokenServer::start().await;

@@ -36,6 +36,15 @@ pub struct SharedTokens {
     accounts: Mutex<HashSet<(String, String)>>,
     /// The key check failed once: said once.
     key_warned: std::sync::atomic::AtomicBool,
+    /// Ends the write-back task when this is dropped (a reload that rebuilt
+    /// the identities replaces it), rather than at Redis's next change.
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for SharedTokens {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// An access token as Redis holds it (sealed).
@@ -74,6 +83,7 @@ impl SharedTokens {
             pending: Mutex::default(),
             accounts: Mutex::default(),
             key_warned: Default::default(),
+            stop: tokio_util::sync::CancellationToken::new(),
         });
         shared.clone().start_write_back();
         shared
@@ -243,9 +253,14 @@ impl SharedTokens {
     fn start_write_back(self: Arc<Self>) {
         let weak = Arc::downgrade(&self);
         let mut health = self.state.watch();
+        let stop = self.stop.clone();
         drop(self);
         tokio::spawn(async move {
-            while health.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = health.changed() => if changed.is_err() { return },
+                }
                 if !*health.borrow_and_update() {
                     continue;
                 }
