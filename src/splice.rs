@@ -283,6 +283,15 @@ mod tests {
     use super::*;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+    /// A splice with nothing sent ahead and a 60 s idle timeout.
+    fn start(
+        client: DuplexStream,
+        upstream: DuplexStream,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<SpliceStats> {
+        tokio::spawn(splice(client, BytesMut::new(), upstream, BytesMut::new(), Duration::from_secs(60), cancel))
+    }
+
     #[tokio::test]
     async fn prefixes_come_first_and_half_close_propagates() {
         let (client, mut client_peer) = duplex(1024);
@@ -316,14 +325,7 @@ mod tests {
     async fn idle_timeout_counts_traffic_in_either_direction() {
         let (client, mut client_peer) = duplex(1024);
         let (upstream, mut upstream_peer) = duplex(1024);
-        let task = tokio::spawn(splice(
-            client,
-            BytesMut::new(),
-            upstream,
-            BytesMut::new(),
-            Duration::from_secs(60),
-            CancellationToken::new(),
-        ));
+        let task = start(client, upstream, CancellationToken::new());
         let mut buf = [0u8; 4];
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_secs(45)).await;
@@ -368,14 +370,7 @@ mod tests {
     async fn bulk_both_ways_arrives_whole() {
         let (client, client_peer) = duplex(997);
         let (upstream, upstream_peer) = duplex(4093);
-        let task = tokio::spawn(splice(
-            client,
-            BytesMut::new(),
-            upstream,
-            BytesMut::new(),
-            Duration::from_secs(60),
-            CancellationToken::new(),
-        ));
+        let task = start(client, upstream, CancellationToken::new());
         let data = |seed: u32| -> Vec<u8> { (0..3_000_000u32).map(|i| (i.wrapping_mul(seed) >> 7) as u8).collect() };
         let pump_through = |mut tx: DuplexStream, bytes: Vec<u8>| async move {
             let (mut rx, mut wx) = tokio::io::split(&mut tx);
@@ -413,14 +408,7 @@ mod tests {
         let (client, _client_peer) = duplex(1024);
         let (upstream, _upstream_peer) = duplex(1024);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(splice(
-            client,
-            BytesMut::new(),
-            upstream,
-            BytesMut::new(),
-            Duration::from_secs(60),
-            cancel.clone(),
-        ));
+        let task = start(client, upstream, cancel.clone());
         cancel.cancel();
         assert!(matches!(task.await.unwrap().end, SpliceEnd::Shutdown));
     }

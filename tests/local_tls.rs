@@ -268,25 +268,3 @@ async fn sighup_reloads_certificate_and_accounts_without_dropping_sessions() {
     assert_eq!(session.line().await, "STAT");
     child.start_kill().unwrap();
 }
-
-async fn wait_for_line(log: &mut tokio::io::BufReader<tokio::process::ChildStderr>, needle: &str) -> String {
-    use tokio::io::AsyncBufReadExt;
-    loop {
-        let mut line = String::new();
-        let n = tokio::time::timeout(STEP, log.read_line(&mut line)).await.expect("log line timed out").unwrap();
-        assert!(n > 0, "the proxy exited before logging {needle:?}");
-        if line.contains(needle) {
-            return line;
-        }
-    }
-}
-
-async fn listening_port(log: &mut tokio::io::BufReader<tokio::process::ChildStderr>, listener: &str) -> u16 {
-    loop {
-        let line = wait_for_line(log, "listening").await;
-        if line.contains(&format!("listener={listener} ")) {
-            let bind = line.split_whitespace().find_map(|w| w.strip_prefix("bind=")).unwrap();
-            return bind.rsplit(':').next().unwrap().parse().unwrap();
-        }
-    }
-}
