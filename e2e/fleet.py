@@ -19,8 +19,6 @@ import argparse
 import concurrent.futures
 import fnmatch
 import imaplib
-import json
-import os
 import re
 import signal
 import smtplib
@@ -33,7 +31,7 @@ import traceback
 from pathlib import Path
 
 import world
-from harness import TIMEOUT, Env, Failed, Mock, Sink, check, message, new_id, wait_until
+from harness import TIMEOUT, Env, Failed, Mock, Sink, check, device_login, message, new_id, wait_until
 from world import ACCOUNTS as A, HOST
 
 CLIENT_IP = "127.0.0.2"  # where the clients connect from
@@ -410,22 +408,7 @@ def delegated_rotation(fleet: Fleet, mock: Mock, sink: Sink) -> str:
     rotation chain, and never sees a spent refresh token."""
     account = A["fleetdel"]
     config = fleet.dir / "replica0.yaml"
-    login = subprocess.Popen([fleet.env.proxy_bin, "login", "-c", str(config), account.username],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        user_code = None
-        for line in login.stdout:
-            found = re.search(r"enter the code (\S+)", line)
-            if found:
-                user_code = found.group(1)
-                break
-        check(user_code is not None, "`login` printed no user code")
-        mock.device(user_code, "approve", user=account.mailbox)
-        _, err = login.communicate(timeout=TIMEOUT)
-    finally:
-        if login.poll() is None:
-            login.kill()
-    check(login.returncode == 0, f"`login` exited {login.returncode}: {err.strip()}")
+    device_login([fleet.env.proxy_bin, "login", "-c", str(config), account.username], mock, account.mailbox)
     check(fleet.redis("EXISTS", f"e2e-{fleet.env.work.name}:rt:fleetdel:{account.username}") == "1",
           "`login` did not put the refresh token in Redis")
 

@@ -49,6 +49,27 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
         time.sleep(interval)
 
 
+
+def device_login(command: list, mock, mailbox: str) -> None:
+    """Runs `xoauth2-proxy login` (the device-code flow), approves the code it
+    prints at the mock as `mailbox`, and fails the scenario unless it exits 0."""
+    login = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        user_code = None
+        for line in login.stdout:
+            found = re.search(r"enter the code (\S+)", line)
+            if found:
+                user_code = found.group(1)
+                break
+        check(user_code is not None, "`login` printed no user code")
+        mock.device(user_code, "approve", user=mailbox)
+        _, err = login.communicate(timeout=TIMEOUT)
+    finally:
+        if login.poll() is None:
+            login.kill()
+    check(login.returncode == 0, f"`login` exited {login.returncode}: {err.strip()}")
+
 # ---- the run ---------------------------------------------------------------------
 
 @dataclass

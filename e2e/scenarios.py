@@ -34,8 +34,8 @@ from typing import Callable
 
 import world
 from harness import (ANSWERS, TIMEOUT, Admin, Attempt, Clients, Env, Failed, Logs, Mock, Postfix, Raw, Sink, b64, check,
-                     client_hello, curl_auth_command, dot_stuffed, imap_append, maildir_messages, mbsync, message, new_id, sha256,
-                     tail, text, wait_until, without_received)
+                     client_hello, curl_auth_command, device_login, dot_stuffed, imap_append, maildir_messages, mbsync, message,
+                     new_id, sha256, tail, text, wait_until, without_received)
 from world import ACCOUNTS as A, IDENTITIES
 
 PROTOCOLS = ["imap", "pop3", "smtp"]
@@ -619,22 +619,7 @@ def delegated_login(ctx: Context, logins: int, every: float):
     every refresh (the mock accepts each one once); and `xoauth2-proxy token` prints a
     token Dovecot accepts directly, as imapsync uses it."""
     env, acct = ctx.env, A["delegate"]
-    login = subprocess.Popen(env.proxy_command("login", acct.username), stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        user_code = None
-        for line in login.stdout:
-            found = re.search(r"enter the code (\S+)", line)
-            if found:
-                user_code = found.group(1)
-                break
-        check(user_code is not None, "`login` printed no user code")
-        ctx.mock.device(user_code, "approve", user=acct.mailbox)
-        out, err = login.communicate(timeout=TIMEOUT)
-    finally:
-        if login.poll() is None:
-            login.kill()
-    check(login.returncode == 0, f"`login` exited {login.returncode}: {err.strip()}")
+    device_login(env.proxy_command("login", acct.username), ctx.mock, acct.mailbox)
     stored = list(env.token_store.glob("*.token"))
     check(len(stored) == 1 and stored[0].stat().st_mode & 0o777 == 0o600, f"token store: {stored}")
 
