@@ -9,6 +9,8 @@
 // A test fails by panicking: unwrap and expect are its assertions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,29 +61,9 @@ async fn setup() -> Setup {
     let proxy_port = proxy.local_addrs()[0].1.port();
     tokio::spawn(proxy.run(std::future::pending()));
     // A token for the direct path, from the same fake endpoint.
-    let http = format!(
-        "grant_type=client_credentials&client_id={}&client_secret={}&scope=x",
-        testkit::token::CLIENT_ID,
-        testkit::token::CLIENT_SECRET
-    );
-    let access_token = post_for_token(&token, &http).await;
+    let access_token = common::fetch_token(&token).await;
     std::mem::forget(dir);
     Setup { pki, token, upstream, proxy_port, access_token }
-}
-
-async fn post_for_token(token: &TokenServer, body: &str) -> String {
-    let mut s = TcpStream::connect(token.addr()).await.unwrap();
-    let request = format!(
-        "POST /{}/oauth2/v2.0/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-        testkit::token::TENANT,
-        body.len()
-    );
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).await.unwrap();
-    let json = &answer[answer.find('{').unwrap()..];
-    let value: serde_json::Value = serde_json::from_str(json).unwrap();
-    value["access_token"].as_str().unwrap().to_string()
 }
 
 async fn expect_ok<S: AsyncRead + Unpin>(r: &mut BufReader<S>) {
