@@ -43,7 +43,7 @@ use session::Signals;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -730,13 +730,34 @@ fn summarize(
 /// refused, instead of leaving it unanswered in the backlog.
 struct Reserve(Option<std::fs::File>);
 
+/// The most waiting connections told "out of resources" per exhaustion
+/// round, so that a listener's backlog is answered, not left to time out,
+/// while the round still ends (and its error is logged again) when clients
+/// keep coming.
+const TURN_AWAY_BATCH: usize = 64;
+
+/// While clients wait and none can be told (the reserve itself could not be
+/// had back), the error is logged this often, not every round.
+const EXHAUSTED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether a connection waits in `socket`'s backlog. A poll(2) of the
+/// listening socket itself, because tokio's readiness for it is only
+/// learnt through accept(2), which fails first while descriptors are out.
+fn waiting(socket: &TcpListener) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(socket, PollFlags::IN)];
+    let now = Timespec { tv_sec: 0, tv_nsec: 0 };
+    rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0)
+}
+
 impl Reserve {
     fn new() -> Self {
         Reserve(std::fs::File::open("/dev/null").ok())
     }
 
-    fn release(&mut self) {
-        self.0 = None;
+    /// Closes the reserve; false when it was not there to close.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
     }
 
     fn restore(&mut self) {
@@ -757,6 +778,7 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let mut reserve = Reserve::new();
+    let mut exhausted_logged: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -795,19 +817,41 @@ async fn accept_loop(
                 });
             }
             Err(e) if crate::upstream::is_exhaustion(&e) => {
-                error!(
-                    listener = %ctx.config.name,
-                    error = %e,
-                    "proxy out of resources: cannot accept a connection (raise the open-file limit, LimitNOFILE)"
-                );
-                reserve.release();
-                let pending = tokio::time::timeout(Duration::from_millis(50), socket.accept()).await;
-                if let Ok(Ok((tcp, _))) = pending {
-                    ctx.metrics.refused(Refused::Resources);
-                    tracker.spawn(turn_away(ctx.clone(), tcp, Failure::ProxyResources));
-                }
+                // accept(2) wants a free descriptor before it looks for a
+                // waiting connection, so this arm also runs, every round,
+                // while nobody waits. The reserve is let go only for a client
+                // that is there: let go idly, a session's upstream connect
+                // takes the descriptor and nobody can be told any more.
                 reserve.restore();
-                // The condition lasts: do not spin, or flood the log.
+                if waiting(&socket) {
+                    let mut told = 0;
+                    if reserve.release() {
+                        // The one descriptor is reused for each waiting
+                        // connection in turn: each is told and closed before
+                        // the next is taken.
+                        while told < TURN_AWAY_BATCH && waiting(&socket) {
+                            let Ok(Ok((tcp, _))) =
+                                tokio::time::timeout(Duration::from_millis(50), socket.accept()).await
+                            else {
+                                break;
+                            };
+                            ctx.metrics.refused(Refused::Resources);
+                            turn_away(&ctx, tcp, Failure::ProxyResources);
+                            told += 1;
+                        }
+                        reserve.restore();
+                    }
+                    if told > 0 || exhausted_logged.is_none_or(|at| at.elapsed() >= EXHAUSTED_LOG_EVERY) {
+                        exhausted_logged = Some(Instant::now());
+                        error!(
+                            listener = %ctx.config.name,
+                            error = %e,
+                            turned_away = told,
+                            "proxy out of resources: cannot accept a connection (raise the open-file limit, LimitNOFILE)"
+                        );
+                    }
+                }
+                // The condition lasts: do not spin.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
@@ -840,7 +884,7 @@ fn admit(ctx: &Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: &Sig
             };
             ctx.metrics.refused(why);
             warn!(listener = %ctx.config.name, client.addr = %peer, limit, "connection refused: {what} reached");
-            tracker.spawn(turn_away(ctx.clone(), tcp, Failure::TooManyConnections));
+            turn_away(ctx, tcp, Failure::TooManyConnections);
             return;
         }
     };
@@ -853,14 +897,22 @@ fn admit(ctx: &Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: &Sig
     });
 }
 
-/// Tells a client turned away at accept why, then hangs up. (On an
-/// implicit-TLS listener there is no way to say it in the clear.)
-async fn turn_away(ctx: Arc<ListenerCtx>, mut tcp: TcpStream, failure: Failure) {
+/// Tells a client turned away at accept why, then hangs up, before
+/// returning: its descriptor is free again when this returns, which the
+/// out-of-descriptors path relies on. The reply is one short line into a
+/// fresh socket's empty send buffer, so a plain non-blocking write takes it
+/// whole; a peer that is already gone just misses it. (On an implicit-TLS
+/// listener there is no way to say it in the clear.)
+fn turn_away(ctx: &ListenerCtx, tcp: TcpStream, failure: Failure) {
     if ctx.local_tls.as_ref().is_some_and(|t| t.mode == LocalTlsMode::Implicit) {
         return;
     }
     let reply = crate::protocol::reply::for_protocol(ctx.config.protocol, failure, None);
-    let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncWriteExt::write_all(&mut tcp, &reply)).await;
+    // Out of tokio: its try_write answers WouldBlock until the reactor has
+    // seen the new socket writable, which it has not yet.
+    if let Ok(mut tcp) = tcp.into_std() {
+        let _ = std::io::Write::write(&mut tcp, &reply);
+    }
 }
 
 async fn dispatch(ctx: Arc<ListenerCtx>, tcp: TcpStream, peer: SocketAddr, signals: Signals) {
