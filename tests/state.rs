@@ -60,8 +60,13 @@ struct Replica {
 }
 
 async fn replica(token: &TokenServer, redis: &str, flow: &str) -> Replica {
+    replica_from(token, redis, flow, |text| text).await
+}
+
+/// A replica whose config text `edit` changed first.
+async fn replica_from(token: &TokenServer, redis: &str, flow: &str, edit: impl FnOnce(String) -> String) -> Replica {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(token, redis, dir.path(), flow, "");
+    let text = edit(config_text(token, redis, dir.path(), flow, ""));
     let config = Config::parse(&text, &dir.path().join("c.yaml"), &HashMap::new()).unwrap();
     xoauth2_proxy::tls::install_default_provider();
     let tls = xoauth2_proxy::tls::client_config(None).unwrap();
@@ -158,6 +163,30 @@ async fn concurrent_first_logins_on_three_replicas_make_one_token_request() {
     let dump = redis.command(&["HGET", "test:at:contoso", "data"]);
     assert!(dump.len() > 100, "{dump}");
     assert!(!dump.contains(&issued[0][..40]), "the access token is in Redis in the clear");
+}
+
+#[tokio::test]
+async fn a_replica_whose_identity_asks_for_another_scope_gets_its_own_token() {
+    let redis = redis_or_skip!();
+    let token = TokenServer::start().await;
+    let first = replica(&token, &redis.url(), "client_credentials").await;
+    let same = replica(&token, &redis.url(), "client_credentials").await;
+    // The same identity name, as a reload that changed the scope leaves it.
+    let other = replica_from(&token, &redis.url(), "client_credentials", |text| {
+        text.replace(
+            "    token_timeout: 2s\n",
+            "    token_timeout: 2s\n    scope: https://outlook.office.com/.default\n",
+        )
+    })
+    .await;
+    let shared = first.token().await;
+    assert!(same.token().await == shared, "the same settings did not take the fleet's token");
+    assert_eq!(token.requests(), 1);
+    let own = other.token().await;
+    assert!(own != shared, "a token issued for another scope was taken");
+    assert_eq!(token.requests(), 2, "the other scope's replica asked Entra");
+    let asked: Vec<_> = token.forms().iter().map(|f| f["scope"].clone()).collect();
+    assert_eq!(asked, ["https://outlook.office365.com/.default", "https://outlook.office.com/.default"]);
 }
 
 #[tokio::test]

@@ -237,13 +237,8 @@ fn source_with(
     let source = provider::source_for(identity, ctx)?;
     let delegated = matches!(source, provider::Source::Delegated(_));
     Ok(match &ctx.shared {
-        Some(shared) => Arc::new(shared::SharedSource::new(
-            source.as_dyn(),
-            &identity.name,
-            delegated,
-            identity.min_token_lifetime,
-            shared.clone(),
-        )) as Arc<dyn TokenSource>,
+        Some(shared) => Arc::new(shared::SharedSource::new(source.as_dyn(), identity, delegated, shared.clone()))
+            as Arc<dyn TokenSource>,
         None => source.as_dyn(),
     })
 }

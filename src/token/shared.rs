@@ -55,6 +55,12 @@ struct AccessRecord {
     expires_at: u64,
     /// Its lifetime when issued.
     lifetime_ms: u64,
+    /// What it was issued for ([`grant`]): a replica whose identity of the
+    /// same name now asks for something else (after a reload changed its
+    /// scope, say) must not take it. Empty in records of earlier versions,
+    /// which so are never taken.
+    #[serde(default)]
+    grant: String,
 }
 
 impl Drop for AccessRecord {
@@ -70,6 +76,15 @@ fn access_aad(identity: &str, account: Option<&str>) -> Vec<u8> {
 
 const KEY_CHECK_AAD: &[u8] = b"xoauth2-proxy keycheck";
 const KEY_CHECK_TEXT: &[u8] = b"replicas share one token_store key";
+
+/// What decides a token's audience and rights: the token endpoint (so
+/// authority and tenant), the application, the scope and the flow. Not the
+/// secret: a rotated secret's predecessor's tokens stay good to their end.
+fn grant(identity: &crate::config::IdentityConfig) -> String {
+    let text = format!("{}\0{}\0{}\0{:?}", identity.token_url, identity.client_id, identity.scope, identity.flow);
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 fn fingerprint(token: &str) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec()
@@ -125,6 +140,7 @@ impl SharedTokens {
         &self,
         identity: &str,
         account: Option<&str>,
+        grant: &str,
         fresh: &FreshToken,
     ) -> Result<(), StateError> {
         let now = unix_millis();
@@ -133,6 +149,7 @@ impl SharedTokens {
             token: fresh.access_token.expose().clone(),
             expires_at: now.saturating_add(lifetime_ms),
             lifetime_ms,
+            grant: grant.to_string(),
         };
         let plain = Secret::new(serde_json::to_vec(&record).map_err(|e| StateError::Failed(e.to_string()))?);
         let sealed = self
@@ -300,6 +317,8 @@ impl SharedTokens {
 pub struct SharedSource {
     inner: Arc<dyn TokenSource>,
     identity: String,
+    /// [`grant`] of the identity's settings.
+    grant: String,
     delegated: bool,
     min_lifetime: Duration,
     shared: Arc<SharedTokens>,
@@ -310,16 +329,16 @@ pub struct SharedSource {
 impl SharedSource {
     pub fn new(
         inner: Arc<dyn TokenSource>,
-        identity: &str,
+        identity: &crate::config::IdentityConfig,
         delegated: bool,
-        min_lifetime: Duration,
         shared: Arc<SharedTokens>,
     ) -> Self {
         SharedSource {
             inner,
-            identity: identity.to_string(),
+            identity: identity.name.clone(),
+            grant: grant(identity),
             delegated,
-            min_lifetime,
+            min_lifetime: identity.min_token_lifetime,
             shared,
             refused: Mutex::default(),
         }
@@ -336,7 +355,7 @@ impl SharedSource {
         let enough = (self.min_lifetime * 2 + Duration::from_secs(60)).min(lifetime / 2 + lead);
         let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
         let was_refused = refused.get(&account.map(str::to_string)).is_some_and(|f| *f == fingerprint(&record.token));
-        (left > enough && !was_refused).then_some(left)
+        (left > enough && !was_refused && record.grant == self.grant).then_some(left)
     }
 
     async fn take_shared(&self, account: Option<&str>) -> Result<Option<FreshToken>, StateError> {
@@ -374,7 +393,7 @@ impl SharedSource {
                     }
                     let result = self.inner.fetch(account).await;
                     if let Ok(fresh) = &result {
-                        if let Err(e) = self.shared.publish_access(&self.identity, account, fresh).await {
+                        if let Err(e) = self.shared.publish_access(&self.identity, account, &self.grant, fresh).await {
                             debug!(identity = %self.identity, error = %e, "access token not shared");
                         }
                     }
