@@ -31,7 +31,7 @@ pub fn write_atomically_with_mode(path: &Path, data: &[u8], mode: u32) -> Result
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned()),
-        suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        crate::text::hex(&suffix)
     ));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(at(&tmp))?;

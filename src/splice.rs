@@ -101,9 +101,7 @@ impl Pump {
             }
         }
     }
-}
 
-impl Pump {
     /// Reads on while more is ready and the buffer has room for a TLS
     /// record: a TLS stream hands out one record (16 KiB) per read, and one
     /// write of the lot costs a quarter of the system calls. Stops at the
@@ -238,7 +236,7 @@ pub struct SpliceStats {
 pub async fn splice<C, U>(
     client: C,
     client_ahead: BytesMut,
-    upstream: U,
+    mut upstream: U,
     upstream_ahead: BytesMut,
     idle: Duration,
     cancel: CancellationToken,
@@ -252,7 +250,6 @@ where
     // Bytes the client sent ahead count as read from it.
     activity.read.fetch_add(client_ahead.len() as u64, Ordering::Relaxed);
     let mut client = Sensor { io: client, activity: activity.clone() };
-    let mut upstream = upstream;
     let copy = copy_both(&mut client, client_ahead, &mut upstream, upstream_ahead);
     tokio::pin!(copy);
     let end = loop {

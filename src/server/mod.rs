@@ -730,6 +730,54 @@ fn summarize(
 /// refused, instead of leaving it unanswered in the backlog.
 struct Reserve(Option<std::fs::File>);
 
+impl Reserve {
+    fn new() -> Self {
+        Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Closes the reserve; false when it was not there to close.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    fn restore(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
+        }
+    }
+
+    /// One round while `socket`'s accept(2) fails for want of descriptors:
+    /// the clients waiting in its backlog told "out of resources" through
+    /// the reserve's descriptor. `None` when nobody waits, else how many
+    /// were told (0: the reserve could not be had back).
+    ///
+    /// accept(2) wants a free descriptor before it looks for a waiting
+    /// connection, so such rounds also come while nobody waits. The reserve
+    /// is let go only for a client that is there: let go idly, a session's
+    /// upstream connect takes the descriptor and nobody can be told any more.
+    async fn turn_away_waiting(&mut self, socket: &TcpListener, ctx: &ListenerCtx) -> Option<usize> {
+        self.restore();
+        if !waiting(socket) {
+            return None;
+        }
+        let mut told = 0;
+        if self.release() {
+            // The one descriptor is reused for each waiting connection in
+            // turn: each is told and closed before the next is taken.
+            while told < TURN_AWAY_BATCH && waiting(socket) {
+                let Ok(Ok((tcp, _))) = tokio::time::timeout(Duration::from_millis(50), socket.accept()).await else {
+                    break;
+                };
+                ctx.metrics.refused(Refused::Resources);
+                turn_away(ctx, tcp, Failure::ProxyResources);
+                told += 1;
+            }
+            self.restore();
+        }
+        Some(told)
+    }
+}
+
 /// The most waiting connections told "out of resources" per exhaustion
 /// round, so that a listener's backlog is answered, not left to time out,
 /// while the round still ends (and its error is logged again) when clients
@@ -748,23 +796,6 @@ fn waiting(socket: &TcpListener) -> bool {
     let mut fds = [PollFd::new(socket, PollFlags::IN)];
     let now = Timespec { tv_sec: 0, tv_nsec: 0 };
     rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0)
-}
-
-impl Reserve {
-    fn new() -> Self {
-        Reserve(std::fs::File::open("/dev/null").ok())
-    }
-
-    /// Closes the reserve; false when it was not there to close.
-    fn release(&mut self) -> bool {
-        self.0.take().is_some()
-    }
-
-    fn restore(&mut self) {
-        if self.0.is_none() {
-            self.0 = std::fs::File::open("/dev/null").ok();
-        }
-    }
 }
 
 /// Accepts on `socket` for `ctx` until `stop` (this listener removed or
@@ -817,39 +848,16 @@ async fn accept_loop(
                 });
             }
             Err(e) if crate::upstream::is_exhaustion(&e) => {
-                // accept(2) wants a free descriptor before it looks for a
-                // waiting connection, so this arm also runs, every round,
-                // while nobody waits. The reserve is let go only for a client
-                // that is there: let go idly, a session's upstream connect
-                // takes the descriptor and nobody can be told any more.
-                reserve.restore();
-                if waiting(&socket) {
-                    let mut told = 0;
-                    if reserve.release() {
-                        // The one descriptor is reused for each waiting
-                        // connection in turn: each is told and closed before
-                        // the next is taken.
-                        while told < TURN_AWAY_BATCH && waiting(&socket) {
-                            let Ok(Ok((tcp, _))) =
-                                tokio::time::timeout(Duration::from_millis(50), socket.accept()).await
-                            else {
-                                break;
-                            };
-                            ctx.metrics.refused(Refused::Resources);
-                            turn_away(&ctx, tcp, Failure::ProxyResources);
-                            told += 1;
-                        }
-                        reserve.restore();
-                    }
-                    if told > 0 || exhausted_logged.is_none_or(|at| at.elapsed() >= EXHAUSTED_LOG_EVERY) {
-                        exhausted_logged = Some(Instant::now());
-                        error!(
-                            listener = %ctx.config.name,
-                            error = %e,
-                            turned_away = told,
-                            "proxy out of resources: cannot accept a connection (raise the open-file limit, LimitNOFILE)"
-                        );
-                    }
+                let due = exhausted_logged.is_none_or(|at| at.elapsed() >= EXHAUSTED_LOG_EVERY);
+                let told = reserve.turn_away_waiting(&socket, &ctx).await;
+                if let Some(told) = told.filter(|&told| told > 0 || due) {
+                    exhausted_logged = Some(Instant::now());
+                    error!(
+                        listener = %ctx.config.name,
+                        error = %e,
+                        turned_away = told,
+                        "proxy out of resources: cannot accept a connection (raise the open-file limit, LimitNOFILE)"
+                    );
                 }
                 // The condition lasts: do not spin.
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -117,7 +117,7 @@ fn random_id() -> String {
         bytes[..8].copy_from_slice(&crate::token::store::unix_millis().to_be_bytes());
         bytes[8..].copy_from_slice(&n.to_be_bytes());
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::text::hex(&bytes)
 }
 
 /// A fresh unique id for a lock owner, a lease or a waiter.

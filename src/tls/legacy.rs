@@ -81,9 +81,12 @@ pub fn context(cert_file: &Path, key_file: &Path) -> Result<SslContext, TlsError
     };
     // OpenSSL 3.6 compares the key with the certificate already here; older
     // releases only in check_private_key.
-    b.set_private_key(&key).map_err(|e| match e.to_string().contains("key values mismatch") {
-        true => mismatch(),
-        false => fail(&key_file.display().to_string(), e),
+    b.set_private_key(&key).map_err(|e| {
+        if e.to_string().contains("key values mismatch") {
+            mismatch()
+        } else {
+            fail(&key_file.display().to_string(), e)
+        }
     })?;
     b.check_private_key().map_err(|_| mismatch())?;
     Ok(b.build())

@@ -85,7 +85,7 @@ impl Signer {
             "aud": token_url,
             "iss": client_id,
             "sub": client_id,
-            "jti": jti.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "jti": crate::text::hex(&jti),
             "nbf": now,
             "iat": now,
             "exp": now + VALIDITY_SECS,

@@ -12,6 +12,12 @@ pub mod provider;
 pub mod shared;
 pub mod store;
 
+/// A token's SHA-256, to recognise it again (a refused one, a rotated one)
+/// without keeping its text.
+fn fingerprint(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec()
+}
+
 pub use cache::{Applied, IdentityPlan, TokenManager};
 pub use entra::EntraError;
 

@@ -5,7 +5,7 @@ use super::assertion::{Signer, ASSERTION_TYPE};
 use super::entra::EntraClient;
 use super::shared::SharedTokens;
 use super::store::{unix_millis, unix_now, StoredTokens, TokenStore};
-use super::{BoxFuture, FreshToken, TokenError, TokenSource};
+use super::{fingerprint, BoxFuture, FreshToken, TokenError, TokenSource};
 use crate::config::{ClientCredential, Flow, IdentityConfig};
 use crate::secret::Secret;
 use serde::Deserialize;
@@ -259,10 +259,6 @@ pub struct RefreshTokens {
     /// Per account, the access token the upstream last refused: the stored
     /// copy of it is not handed out again, a refresh is made instead.
     refused_access: Mutex<HashMap<String, Vec<u8>>>,
-}
-
-fn fingerprint(token: &str) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec()
 }
 
 impl RefreshTokens {

@@ -11,7 +11,7 @@
 //! down the wrapped source is used as it is: tokens never depend on Redis.
 
 use super::store::{unix_millis, StoredTokens, TokenStore};
-use super::{BoxFuture, FreshToken, TokenError, TokenSource};
+use super::{fingerprint, BoxFuture, FreshToken, TokenError, TokenSource};
 use crate::secret::Secret;
 use crate::state::{Record, SharedState, StateError};
 use serde::{Deserialize, Serialize};
@@ -82,12 +82,7 @@ const KEY_CHECK_TEXT: &[u8] = b"replicas share one token_store key";
 /// secret: a rotated secret's predecessor's tokens stay good to their end.
 fn grant(identity: &crate::config::IdentityConfig) -> String {
     let text = format!("{}\0{}\0{}\0{:?}", identity.token_url, identity.client_id, identity.scope, identity.flow);
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn fingerprint(token: &str) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec()
+    crate::text::hex(&fingerprint(&text))
 }
 
 impl SharedTokens {
