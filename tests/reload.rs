@@ -271,8 +271,7 @@ async fn sighup_on_the_binary_logs_one_line_per_outcome() {
     while ports.len() < 3 {
         let line = wait("listening");
         let name = line.split_whitespace().find_map(|w| w.strip_prefix("listener=")).unwrap().to_string();
-        let bind = line.split_whitespace().find_map(|w| w.strip_prefix("bind=")).unwrap();
-        ports.insert(name, bind.rsplit(':').next().unwrap().parse::<u16>().unwrap());
+        ports.insert(name, bound_port(&line));
     }
     let pid = child.id();
 

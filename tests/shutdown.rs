@@ -110,9 +110,7 @@ impl Binary {
 
     /// The SMTP listener's port, from its "listening" log line.
     fn smtp_port(&self) -> u16 {
-        let line = self.wait_for_log(&["listening", "listener=smtp"]);
-        let bind = line.split_whitespace().find_map(|w| w.strip_prefix("bind=")).unwrap();
-        bind.rsplit(':').next().unwrap().parse::<u16>().unwrap()
+        bound_port(&self.wait_for_log(&["listening", "listener=smtp"]))
     }
 
     async fn exit_status(&mut self) -> std::process::ExitStatus {

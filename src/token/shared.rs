@@ -12,6 +12,7 @@
 
 use super::store::{unix_millis, StoredTokens, TokenStore};
 use super::{fingerprint, BoxFuture, FreshToken, TokenError, TokenSource};
+use crate::config::IdentityConfig;
 use crate::secret::Secret;
 use crate::state::{Record, SharedState, StateError};
 use serde::{Deserialize, Serialize};
@@ -80,8 +81,9 @@ const KEY_CHECK_TEXT: &[u8] = b"replicas share one token_store key";
 /// What decides a token's audience and rights: the token endpoint (so
 /// authority and tenant), the application, the scope and the flow. Not the
 /// secret: a rotated secret's predecessor's tokens stay good to their end.
-fn grant(identity: &crate::config::IdentityConfig) -> String {
-    let text = format!("{}\0{}\0{}\0{:?}", identity.token_url, identity.client_id, identity.scope, identity.flow);
+fn grant(identity: &IdentityConfig) -> String {
+    let text =
+        format!("{}\0{}\0{}\0{}", identity.token_url, identity.client_id, identity.scope, identity.flow.as_str());
     crate::text::hex(&fingerprint(&text))
 }
 
@@ -324,7 +326,7 @@ pub struct SharedSource {
 impl SharedSource {
     pub fn new(
         inner: Arc<dyn TokenSource>,
-        identity: &crate::config::IdentityConfig,
+        identity: &IdentityConfig,
         delegated: bool,
         shared: Arc<SharedTokens>,
     ) -> Self {

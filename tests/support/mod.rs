@@ -474,8 +474,13 @@ pub async fn listening_port(log: &mut tokio::io::BufReader<tokio::process::Child
     loop {
         let line = wait_for_line(log, "listening").await;
         if line.contains(&format!("listener={listener} ")) {
-            let bind = line.split_whitespace().find_map(|w| w.strip_prefix("bind=")).unwrap();
-            return bind.rsplit(':').next().unwrap().parse().unwrap();
+            return bound_port(&line);
         }
     }
+}
+
+/// The port of a `listening` log line's `bind=ADDR:PORT`.
+pub fn bound_port(line: &str) -> u16 {
+    let bind = line.split_whitespace().find_map(|w| w.strip_prefix("bind=")).unwrap();
+    bind.rsplit(':').next().unwrap().parse().unwrap()
 }
